@@ -1,0 +1,256 @@
+"""One LoRA settings object with PEFT's own field names and meanings.
+
+What the app shows, counts, trains and exports is this object; it converts to and from a PEFT
+`adapter_config.json` dict and to `peft.LoraConfig` without renaming anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ALL_LINEAR = "all-linear"
+Bias = Literal["none", "all", "lora_only"]
+TargetSpec = tuple[str, ...] | str | None
+
+# Fields of `peft.LoraConfig` that this object models; every other LoraConfig field is carried
+# verbatim in `peft_extras` so an imported adapter_config.json exports unchanged.
+MODELLED_FIELDS = (
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "target_parameters",
+    "rank_pattern",
+    "alpha_pattern",
+    "layers_to_transform",
+    "layers_pattern",
+    "use_rslora",
+    "use_dora",
+    "bias",
+    "lora_bias",
+    "modules_to_save",
+    "task_type",
+)
+# Keys PEFT writes that describe the file, not the adapter.
+_FILE_KEYS = {"peft_type", "auto_mapping", "base_model_name_or_path", "revision", "peft_version"}
+
+
+class LoraSettingsError(ValueError):
+    """Every problem found in one settings object, raised once; `problems` lists them."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyperparameters, named and defaulted exactly as in `peft.LoraConfig`.
+
+    `target_modules` is a tuple of names (exact full name or `.`-suffix, as PEFT matches a list),
+    a regex string (PEFT `re.fullmatch`es it on the full module name), `"all-linear"`, or None
+    (PEFT's default targets for the model type).
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: TargetSpec = None
+    exclude_modules: TargetSpec = None
+    target_parameters: tuple[str, ...] | None = None
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    layers_to_transform: tuple[int, ...] | int | None = None
+    layers_pattern: tuple[str, ...] | str | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    bias: Bias = "none"
+    lora_bias: bool = False
+    modules_to_save: tuple[str, ...] | None = None
+    task_type: str | None = None
+    peft_extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Normalise lists to tuples so two equal settings compare and hash-key equal.
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
+            value = getattr(self, name)
+            if isinstance(value, (list, set, frozenset)):
+                object.__setattr__(self, name, tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value))
+        for name in ("target_parameters", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, (list, set, frozenset)):
+                object.__setattr__(self, name, tuple(value))
+            elif isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+        if isinstance(self.layers_to_transform, list):
+            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
+        object.__setattr__(self, "peft_extras", dict(self.peft_extras or {}))
+
+    def __hash__(self) -> int:
+        # dict fields make the generated hash fail; hash a canonical JSON form instead.
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
+    def replace(self, **changes: Any) -> LoraSettings:
+        """A copy with `changes` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def scaling(self, r: int | None = None, alpha: float | None = None) -> float:
+        """Effective scale of the LoRA branch: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA
+        (Kalajdzievski 2023; PEFT `LoraLayer.update_layer`)."""
+        r = self.r if r is None else r
+        alpha = self.lora_alpha if alpha is None else alpha
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def problems(self) -> list[str]:
+        """Problems that need no model: the checks PEFT lacks or makes only deep inside `get_peft_model`."""
+        found: list[str] = []
+        if not _is_positive_int(self.r):
+            found.append(f"`r` must be a positive integer, got {self.r!r}")
+        if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
+            found.append(f"`lora_alpha` must be > 0, got {self.lora_alpha!r}")
+        if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+            found.append(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            found.append(f"`bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        for key, value in self.rank_pattern.items():
+            if not _is_positive_int(value):
+                found.append(f"`rank_pattern` value for {key!r} must be a positive integer, got {value!r}")
+        for key, value in self.alpha_pattern.items():
+            if not _is_number(value) or value <= 0:
+                found.append(f"`alpha_pattern` value for {key!r} must be > 0, got {value!r}")
+        if isinstance(self.target_modules, tuple) and not self.target_modules and not self.target_parameters:
+            found.append("`target_modules` is empty: name at least one module, a regex or 'all-linear'")
+        if self.layers_to_transform is not None:
+            layers = (self.layers_to_transform,) if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+            if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+                found.append(f"`layers_to_transform` must hold non-negative integers, got {self.layers_to_transform!r}")
+            if isinstance(self.target_modules, str):
+                found.append("`layers_to_transform` cannot be used with a regex or 'all-linear' `target_modules`: give a list")
+        if self.layers_pattern and self.layers_to_transform is None:
+            found.append("`layers_pattern` only has an effect together with `layers_to_transform`")
+        if self.target_parameters:
+            for name, value in (("lora_dropout", self.lora_dropout), ("use_dora", self.use_dora), ("lora_bias", self.lora_bias)):
+                if value:
+                    found.append(f"`{name}` is not supported with `target_parameters` (PEFT ParamWrapper refuses it)")
+        return found
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The adapter_config.json dict PEFT writes for these settings, sets and lists sorted so the
+        file is stable; loads back with `LoraConfig.from_pretrained`."""
+        config = self.to_peft_config()
+        data = config.to_dict()
+        for key, value in data.items():
+            if isinstance(value, (set, frozenset)):
+                data[key] = sorted(value)
+        if isinstance(data.get("target_modules"), list) and isinstance(self.target_modules, tuple):
+            data["target_modules"] = sorted(self.target_modules)
+        data["peft_type"] = "LORA"
+        return dict(sorted(data.items()))
+
+    def to_peft_config(self):
+        """A fresh `peft.LoraConfig` (never shared: `get_peft_model` mutates the one it gets)."""
+        from peft import LoraConfig
+
+        kwargs = {name: getattr(self, name) for name in MODELLED_FIELDS}
+        for name in ("target_modules", "exclude_modules", "target_parameters", "modules_to_save", "layers_pattern"):
+            if isinstance(kwargs[name], tuple):
+                kwargs[name] = list(kwargs[name])
+        if isinstance(kwargs["layers_to_transform"], tuple):
+            kwargs["layers_to_transform"] = list(kwargs["layers_to_transform"])
+        kwargs["rank_pattern"] = dict(self.rank_pattern)
+        kwargs["alpha_pattern"] = dict(self.alpha_pattern)
+        kwargs.update(self.peft_extras)
+        return LoraConfig(**kwargs)
+
+    def to_json(self) -> str:
+        """`to_peft_dict` as indented, key-sorted JSON."""
+        return json.dumps(self.to_peft_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_peft_dict(cls, data: Mapping[str, Any]) -> LoraSettings:
+        """Settings from an adapter_config.json dict. Keys LoraConfig does not know are ignored (see
+        `unknown_keys`); known LoraConfig fields this object does not model ride along in `peft_extras`.
+
+        Raises `LoraSettingsError` when the dict is not a LoRA config or a value has the wrong type.
+        """
+        if not isinstance(data, Mapping):
+            raise LoraSettingsError([f"an adapter config must be a JSON object, got {type(data).__name__}"])
+        peft_type = data.get("peft_type", "LORA")
+        if str(peft_type).upper() != "LORA":
+            raise LoraSettingsError([f"`peft_type` is {peft_type!r}; only LORA configs are supported"])
+        known = _lora_config_fields()
+        kwargs: dict[str, Any] = {}
+        extras: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in MODELLED_FIELDS:
+                kwargs[key] = value
+            elif key in known and key not in _FILE_KEYS:
+                extras[key] = value
+        problems = _type_problems(kwargs)
+        if problems:
+            raise LoraSettingsError(problems)
+        if kwargs.get("task_type") is not None:
+            kwargs["task_type"] = str(kwargs["task_type"])
+        for name in ("rank_pattern", "alpha_pattern"):
+            if kwargs.get(name) is None:
+                kwargs.pop(name, None)
+        return cls(**kwargs, peft_extras=extras)
+
+    @classmethod
+    def from_json(cls, text: str) -> LoraSettings:
+        """Settings from adapter_config.json text; malformed JSON raises `LoraSettingsError`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise LoraSettingsError([f"not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"]) from None
+        return cls.from_peft_dict(data)
+
+    @classmethod
+    def from_peft_config(cls, config) -> LoraSettings:
+        """Settings from a `peft.LoraConfig`."""
+        return cls.from_peft_dict(config.to_dict())
+
+
+def unknown_keys(data: Mapping[str, Any]) -> list[str]:
+    """Keys of an adapter_config.json dict that `peft.LoraConfig` does not know (dropped on import)."""
+    known = _lora_config_fields() | _FILE_KEYS
+    return sorted(key for key in data if key not in known)
+
+
+def _lora_config_fields() -> set[str]:
+    from peft import LoraConfig
+
+    return {f.name for f in dataclasses.fields(LoraConfig)}
+
+
+def _type_problems(kwargs: Mapping[str, Any]) -> list[str]:
+    problems = []
+    for name in ("rank_pattern", "alpha_pattern"):
+        if kwargs.get(name) is not None and not isinstance(kwargs[name], Mapping):
+            problems.append(f"`{name}` must be an object mapping regex keys to numbers")
+    for name in ("target_modules", "exclude_modules"):
+        value = kwargs.get(name)
+        if value is not None and not isinstance(value, (str, list, tuple)):
+            problems.append(f"`{name}` must be a list of names or a regex string")
+        if isinstance(value, (list, tuple)) and any(not isinstance(v, str) for v in value):
+            problems.append(f"`{name}` must hold strings only")
+    for name in ("use_rslora", "use_dora", "lora_bias"):
+        if name in kwargs and not isinstance(kwargs[name], bool):
+            problems.append(f"`{name}` must be true or false, got {kwargs[name]!r}")
+    return problems
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
