@@ -3,7 +3,13 @@
 Never imports streamlit; returns plain data (dataclasses, DataFrames, dicts).
 """
 
-from lora_core.counting import CountResult, adaptable_leaf_names, count_lora_params, effective_scale, matched_module_names
+from lora_core.counting import (
+    CountResult,
+    adaptable_leaf_names,
+    count_lora_params,
+    effective_scale,
+    matched_module_names,
+)
 from lora_core.models import (
     Inventory,
     ModelResolutionError,

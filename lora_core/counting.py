@@ -31,7 +31,11 @@ from lora_core.settings import ALL_LINEAR, LoraSettings, LoraSettingsError
 
 SUPPORTED_KINDS = ("linear", "conv1d", "embedding", "conv")
 # PEFT's PeftModelFor* classes add their heads to `modules_to_save`.
-_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+_TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 # Fields that decide which modules are adapted (and so key the cached plan).
 _PLAN_FIELDS = (
     "target_modules",
@@ -42,7 +46,19 @@ _PLAN_FIELDS = (
     "modules_to_save",
     "task_type",
 )
-MODULE_COLUMNS = ["name", "layer", "role", "kind", "in_features", "out_features", "experts", "rank", "alpha", "scale", "params"]
+MODULE_COLUMNS = [
+    "name",
+    "layer",
+    "role",
+    "kind",
+    "in_features",
+    "out_features",
+    "experts",
+    "rank",
+    "alpha",
+    "scale",
+    "params",
+]
 
 
 @dataclass(frozen=True)
@@ -120,7 +136,9 @@ def count_lora_params(model: str | ModelSpec | Inventory, settings: LoraSettings
 def _plan_key(settings: LoraSettings, inv: Inventory) -> LoraSettings:
     # r and alpha enter the plan only through PEFT's MoE conversion (which writes 2r patterns);
     # the multiplier is recorded instead, so the key drops them.
-    neutral = {name: getattr(LoraSettings(), name) for name in ("lora_dropout", "use_rslora", "use_dora", "bias", "lora_bias")}
+    neutral = {
+        name: getattr(LoraSettings(), name) for name in ("lora_dropout", "use_rslora", "use_dora", "bias", "lora_bias")
+    }
     return settings.replace(r=1, lora_alpha=1, **neutral)
 
 
@@ -206,7 +224,11 @@ def _param_wrapper_problems(inv: Inventory, plan: _Plan, settings: LoraSettings)
     kinds = set(plan.table["kind"])
     found = []
     if "param" in kinds:
-        for name, value in (("lora_dropout", settings.lora_dropout), ("use_dora", settings.use_dora), ("lora_bias", settings.lora_bias)):
+        for name, value in (
+            ("lora_dropout", settings.lora_dropout),
+            ("use_dora", settings.use_dora),
+            ("lora_bias", settings.lora_bias),
+        ):
             if value:
                 found.append(f"`{name}` must be off: this config adapts fused expert parameters, where PEFT refuses it")
     if settings.lora_bias and "embedding" in kinds:
@@ -241,7 +263,9 @@ def normalised_peft_config(inv: Inventory, settings: LoraSettings):
     if config.target_modules is None and not config.target_parameters:
         default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(inv.model_type)
         if default is None:
-            problems.append(f"`target_modules` must be given: PEFT has no default targets for model type {inv.model_type!r}")
+            problems.append(
+                f"`target_modules` must be given: PEFT has no default targets for model type {inv.model_type!r}"
+            )
             return config, problems
         config.target_modules = set(default)
     model = meta_model(inv.spec)
@@ -308,13 +332,30 @@ def _match_parameters(inv: Inventory, config, matched: set[str]) -> tuple[pd.Dat
         if not targets or not (name in targets or any(name.endswith(f".{t}") for t in targets)):
             continue
         if module in matched:
-            problems.append(f"`target_parameters` {name} sits in {module}, which `target_modules` also adapts: target one or the other")
+            problems.append(
+                f"`target_parameters` {name} sits in {module}, which `target_modules` also adapts: target one or the other"
+            )
         elif len(shape) not in (2, 3):
             problems.append(f"`target_parameters` {name} has shape {shape}: only 2-D and 3-D parameters can be adapted")
         else:
             experts, dim_out, dim_in = shape if len(shape) == 3 else (1, *shape)
             role = classify_role(name, "param", False)
-            rows.append((name, "param", "Parameter", layer_index(name), role, dim_in, dim_out, experts, 1, 1, 0, int(np.prod(shape))))
+            rows.append(
+                (
+                    name,
+                    "param",
+                    "Parameter",
+                    layer_index(name),
+                    role,
+                    dim_in,
+                    dim_out,
+                    experts,
+                    1,
+                    1,
+                    0,
+                    int(np.prod(shape)),
+                )
+            )
     if targets and not rows and not problems:
         problems.append(f"`target_parameters` {targets} match no parameter of {inv.spec.model_id}")
     return pd.DataFrame(rows, columns=_MODULE_COLUMNS), problems

@@ -8,6 +8,7 @@ config and lists every module LoRA can reach.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -106,20 +107,26 @@ def resolve_model(name: str | ModelSpec, trust_remote_code: bool = False) -> Mod
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelResolutionError(f"directory {name} has no config.json: point at a model folder or its config.json")
+            raise ModelResolutionError(
+                f"directory {name} has no config.json: point at a model folder or its config.json"
+            )
         return spec_from_text((path / "config.json").read_text(), name, "local", trust_remote_code)
     if path.is_file():
         return spec_from_text(path.read_text(), name, "local", trust_remote_code)
-    if path.suffix == ".json" or os.sep in name.strip("/").replace("/", "", 1):
+    if path.suffix == ".json" or name.count("/") > 1 or name.startswith((".", "/", "~")):
         raise ModelResolutionError(f"no such file or folder: {name}")
     return _resolve_hub(name, trust_remote_code)
 
 
-def spec_from_text(text: str | bytes, model_id: str, source: str = "upload", trust_remote_code: bool = False) -> ModelSpec:
+def spec_from_text(
+    text: str | bytes, model_id: str, source: str = "upload", trust_remote_code: bool = False
+) -> ModelSpec:
     """A `ModelSpec` from config.json text. Raises `ModelResolutionError` for oversize, non-JSON or
     configs without a `model_type` transformers knows."""
     if len(text) > MAX_CONFIG_BYTES:
-        raise ModelResolutionError(f"{model_id}: config is {len(text):,} bytes; a config.json is at most {MAX_CONFIG_BYTES:,}")
+        raise ModelResolutionError(
+            f"{model_id}: config is {len(text):,} bytes; a config.json is at most {MAX_CONFIG_BYTES:,}"
+        )
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -162,14 +169,16 @@ def _resolve_hub(model_id: str, trust_remote_code: bool) -> ModelSpec:
     try:
         config = AutoConfig.from_pretrained(model_id, local_files_only=True, trust_remote_code=trust_remote_code)
         return ModelSpec(model_id, "hub", json.dumps(config.to_dict(), sort_keys=True, default=str), trust_remote_code)
-    except Exception:  # noqa: BLE001 - any miss in the local cache falls through to the network
+    except Exception:
         pass
     if not hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"
-        raise ModelResolutionError(f"{model_id!r} is not in the catalogue or the local HF cache and the Hub is unreachable: {hint}")
+        raise ModelResolutionError(
+            f"{model_id!r} is not in the catalogue or the local HF cache and the Hub is unreachable: {hint}"
+        )
     try:
         config = AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-    except Exception as error:  # noqa: BLE001 - transformers raises OSError/ValueError/HTTP errors here
+    except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelResolutionError(f"{model_id!r} could not be loaded from the Hub ({first_line}); {hint}") from None
     return ModelSpec(model_id, "hub", json.dumps(config.to_dict(), sort_keys=True, default=str), trust_remote_code)
@@ -177,14 +186,17 @@ def _resolve_hub(model_id: str, trust_remote_code: bool) -> ModelSpec:
 
 @functools.lru_cache(maxsize=8)
 def meta_model(spec: ModelSpec):
-    """The model class of `spec` instantiated on the meta device (no weights, no init).
+    """`build_meta_model(spec)`, cached per config: shared, so never hand it to PEFT (it mutates)."""
+    return build_meta_model(spec)
+
+
+def build_meta_model(spec: ModelSpec):
+    """A fresh instance of `spec`'s model class on the meta device (no weights, no init).
 
     The class is `config.architectures[0]` when transformers has it, else the causal-LM class of
     the model type, else `AutoModel`. Raises `ModelResolutionError` when none can be built.
     """
-    import torch
-    import transformers
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     data = spec.config
     try:
@@ -192,9 +204,21 @@ def meta_model(spec: ModelSpec):
             config = AutoConfig.from_pretrained(spec.model_id, trust_remote_code=True)
         else:
             fields = {k: v for k, v in data.items() if k != "model_type"}
-            config = AutoConfig.for_model(data["model_type"], **fields)
-    except Exception as error:  # noqa: BLE001 - config classes raise many kinds on bad values
-        raise ModelResolutionError(f"{spec.model_id}: transformers rejects this config ({_first_line(error)})") from None
+            with _quiet_transformers():
+                config = AutoConfig.for_model(data["model_type"], **fields)
+    except Exception as error:
+        raise ModelResolutionError(
+            f"{spec.model_id}: transformers rejects this config ({_first_line(error)})"
+        ) from None
+    with _quiet_transformers():
+        return _instantiate(spec, config, data)
+
+
+def _instantiate(spec: ModelSpec, config, data: dict[str, Any]):
+    import torch
+    import transformers
+    from transformers import AutoModel, AutoModelForCausalLM
+
     candidates = []
     architecture = (data.get("architectures") or [None])[0]
     if architecture and hasattr(transformers, architecture):
@@ -207,9 +231,22 @@ def meta_model(spec: ModelSpec):
                 if cls in (AutoModelForCausalLM, AutoModel):
                     return cls.from_config(config, trust_remote_code=spec.trust_remote_code)
                 return cls._from_config(config)
-        except Exception as error:  # noqa: BLE001 - fall through to the next class
+        except Exception as error:
             errors.append(f"{getattr(cls, '__name__', cls)}: {_first_line(error)}")
     raise ModelResolutionError(f"{spec.model_id}: no model class could be built ({'; '.join(errors)})")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    # Config fix-up notices (e.g. Gemma's legacy `gelu`) are noise when only counting.
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _first_line(error: BaseException) -> str:
@@ -286,7 +323,20 @@ def _module_row(name: str, module, output_name: str | None) -> tuple:
     bias_numel = int(bias.numel()) if isinstance(bias, nn.Parameter) else 0
     numel = sum(int(p.numel()) for p in module.parameters())
     role = classify_role(name, kind, name == output_name)
-    return (name, kind, type(module).__name__, layer_index(name), role, fan_in, fan_out, 1, kernel, groups, bias_numel, numel)
+    return (
+        name,
+        kind,
+        type(module).__name__,
+        layer_index(name),
+        role,
+        fan_in,
+        fan_out,
+        1,
+        kernel,
+        groups,
+        bias_numel,
+        numel,
+    )
 
 
 def _param_module_rows(fused: pd.DataFrame) -> pd.DataFrame:
@@ -294,7 +344,22 @@ def _param_module_rows(fused: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for name, shape, numel in zip(fused["name"], fused["shape"], fused["numel"]):
         experts, dim_a, dim_b = shape
-        rows.append((name, "param", "Parameter", layer_index(name), classify_role(name, "param", False), dim_b, dim_a, experts, 1, 1, 0, numel))
+        rows.append(
+            (
+                name,
+                "param",
+                "Parameter",
+                layer_index(name),
+                classify_role(name, "param", False),
+                dim_b,
+                dim_a,
+                experts,
+                1,
+                1,
+                0,
+                numel,
+            )
+        )
     return pd.DataFrame(rows, columns=_MODULE_COLUMNS)
 
 

@@ -12,7 +12,16 @@ ATTENTION_ROLES = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_o")
 MLP_ROLES = ("mlp_gate", "mlp_up", "mlp_gate_up", "mlp_down", "expert")
 
 _ATTENTION_PARENTS = ("attn", "attention", "selfattention", "encdecattention", "self_attn", "crossattention", "mixer")
-_MLP_PARENTS = ("mlp", "ffn", "feed_forward", "densereludense", "intermediate", "feedforward", "moe", "block_sparse_moe")
+_MLP_PARENTS = (
+    "mlp",
+    "ffn",
+    "feed_forward",
+    "densereludense",
+    "intermediate",
+    "feedforward",
+    "moe",
+    "block_sparse_moe",
+)
 
 _LEAF_ROLES = {
     "q_proj": "attn_q",

@@ -81,7 +81,9 @@ class LoraSettings:
         for name in ("target_modules", "exclude_modules", "layers_pattern"):
             value = getattr(self, name)
             if isinstance(value, (list, set, frozenset)):
-                object.__setattr__(self, name, tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value))
+                object.__setattr__(
+                    self, name, tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+                )
         for name in ("target_parameters", "modules_to_save"):
             value = getattr(self, name)
             if isinstance(value, (list, set, frozenset)):
@@ -129,15 +131,23 @@ class LoraSettings:
         if isinstance(self.target_modules, tuple) and not self.target_modules and not self.target_parameters:
             found.append("`target_modules` is empty: name at least one module, a regex or 'all-linear'")
         if self.layers_to_transform is not None:
-            layers = (self.layers_to_transform,) if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+            layers = (
+                (self.layers_to_transform,) if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+            )
             if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
                 found.append(f"`layers_to_transform` must hold non-negative integers, got {self.layers_to_transform!r}")
             if isinstance(self.target_modules, str):
-                found.append("`layers_to_transform` cannot be used with a regex or 'all-linear' `target_modules`: give a list")
+                found.append(
+                    "`layers_to_transform` cannot be used with a regex or 'all-linear' `target_modules`: give a list"
+                )
         if self.layers_pattern and self.layers_to_transform is None:
             found.append("`layers_pattern` only has an effect together with `layers_to_transform`")
         if self.target_parameters:
-            for name, value in (("lora_dropout", self.lora_dropout), ("use_dora", self.use_dora), ("lora_bias", self.lora_bias)):
+            for name, value in (
+                ("lora_dropout", self.lora_dropout),
+                ("use_dora", self.use_dora),
+                ("lora_bias", self.lora_bias),
+            ):
                 if value:
                     found.append(f"`{name}` is not supported with `target_parameters` (PEFT ParamWrapper refuses it)")
         return found
@@ -210,7 +220,9 @@ class LoraSettings:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise LoraSettingsError([f"not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"]) from None
+            raise LoraSettingsError(
+                [f"not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"]
+            ) from None
         return cls.from_peft_dict(data)
 
     @classmethod

@@ -13,6 +13,8 @@ import itertools
 import re
 from dataclasses import dataclass
 
+import pandas as pd
+
 from lora_core.models import Inventory
 from lora_core.roles import ATTENTION_ROLES, MLP_ROLES
 from lora_core.settings import ALL_LINEAR, LoraSettings
@@ -51,7 +53,9 @@ def resolve_strategy(inv: Inventory, strategy: str) -> StrategyTargets:
     if roles is None:
         raise StrategyError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if roles == ALL_LINEAR:
-        return StrategyTargets(strategy, ALL_LINEAR, None, "every Linear/Conv1D layer except the output head (PEFT's rule)")
+        return StrategyTargets(
+            strategy, ALL_LINEAR, None, "every Linear/Conv1D layer except the output head (PEFT's rule)"
+        )
     modules = inv.modules
     note = ""
     wanted = modules["role"].isin(roles) & modules["kind"].isin(_ADAPTABLE)
@@ -60,7 +64,9 @@ def resolve_strategy(inv: Inventory, strategy: str) -> StrategyTargets:
         note = "q, k and v share one fused projection here, so Q,V adapts the fused qkv layer"
     params = modules[modules["role"].isin(roles) & (modules["kind"] == "param")]
     if not wanted.any() and params.empty:
-        raise StrategyError(f"{inv.spec.model_id} has no modules in roles {', '.join(roles)}: '{strategy}' cannot be mapped")
+        raise StrategyError(
+            f"{inv.spec.model_id} has no modules in roles {', '.join(roles)}: '{strategy}' cannot be mapped"
+        )
     chosen = modules.loc[wanted, "name"].tolist()
     target_parameters = tuple(sorted({n.rsplit(".", 1)[-1] for n in params["name"]})) or None
     if target_parameters:
@@ -177,7 +183,9 @@ def adapt_to_model(settings: LoraSettings, inv: Inventory) -> tuple[LoraSettings
     if strategy is None:
         roles = tuple(_LLAMA_ROLES[t] for t in targets if t in _LLAMA_ROLES)
         mapped = resolve_roles(inv, roles)
-        return settings.replace(target_modules=mapped), f"{', '.join(targets)} mapped by role to {inv.spec.model_id}'s names"
+        return settings.replace(
+            target_modules=mapped
+        ), f"{', '.join(targets)} mapped by role to {inv.spec.model_id}'s names"
     resolved = resolve_strategy(inv, strategy)
     return resolved.apply(settings), f"{', '.join(targets)} mapped to {strategy} on {inv.spec.model_id}"
 
@@ -206,3 +214,80 @@ def resolve_roles(inv: Inventory, roles: tuple[str, ...]) -> tuple[str, ...] | s
     if not wanted.any():
         raise StrategyError(f"{inv.spec.model_id} has no modules in roles {', '.join(sorted(roles))}")
     return minimal_targets(modules.loc[wanted, "name"].tolist(), modules["name"].tolist())
+
+
+def compare_strategies(
+    model, r: int = 16, lora_alpha: float | None = None, base: LoraSettings | None = None
+) -> pd.DataFrame:
+    """One row per strategy on `model`: targets, trainable parameters, percent, adapter size on
+    disk (fp32 and fp16/bf16, MB), per-role parameters, and a note or the reason it cannot map."""
+    from lora_core.counting import count_lora_params
+    from lora_core.models import inventory, resolve_model
+
+    inv = inventory(resolve_model(model))
+    base = (base or LoraSettings()).replace(r=r, lora_alpha=r if lora_alpha is None else lora_alpha)
+    rows = []
+    for strategy in STRATEGIES:
+        row: dict = {"strategy": strategy}
+        try:
+            targets = resolve_strategy(inv, strategy)
+            result = count_lora_params(inv, targets.apply(base))
+        except ValueError as error:
+            rows.append({**row, "error": str(error)})
+            continue
+        by_role = result.modules.groupby("role")["params"].sum()
+        rows.append(
+            {
+                **row,
+                "targets": describe_targets(targets.target_modules, targets.target_parameters),
+                "modules": len(result.modules),
+                "trainable_params": result.trainable_params,
+                "percent": result.percent_trainable,
+                "size_fp32_mb": result.trainable_params * 4 / 1e6,
+                "size_16bit_mb": result.trainable_params * 2 / 1e6,
+                **{f"role:{role}": int(v) for role, v in by_role.items()},
+                "note": targets.note,
+                "error": "",
+            }
+        )
+    table = pd.DataFrame(rows)
+    role_columns = [c for c in table.columns if c.startswith("role:")]
+    table[role_columns] = table[role_columns].fillna(0).astype("int64")
+    for column in ("targets", "note", "error"):
+        table[column] = table.get(column, pd.Series(dtype=object)).fillna("")
+    return table
+
+
+def count_search_space(model, priority: str = "balanced") -> pd.DataFrame:
+    """The article's search space counted on `model`: one row per configuration with r, alpha,
+    targets (mapped to the model's names), dropout, trainable parameters and percent."""
+    from lora_core.counting import count_lora_params
+    from lora_core.models import inventory, resolve_model
+
+    inv = inventory(resolve_model(model))
+    rows = []
+    for index, settings in enumerate(search_space(priority)):
+        adapted, note = adapt_to_model(settings, inv)
+        result = count_lora_params(inv, adapted)
+        rows.append(
+            {
+                "config": index,
+                "r": adapted.r,
+                "lora_alpha": adapted.lora_alpha,
+                "target_set": "+".join(t.split("_")[0] for t in settings.target_modules),
+                "targets": describe_targets(adapted.target_modules, adapted.target_parameters),
+                "lora_dropout": adapted.lora_dropout,
+                "trainable_params": result.trainable_params,
+                "percent": result.percent_trainable,
+                "note": note,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def describe_targets(target_modules, target_parameters=None) -> str:
+    """A short human form of the target fields."""
+    text = ", ".join(target_modules) if isinstance(target_modules, tuple) else str(target_modules)
+    if target_parameters:
+        text += (" + " if text else "") + "params: " + ", ".join(target_parameters)
+    return text

@@ -1,0 +1,251 @@
+"""`python -m lora_core`: count LoRA parameters, list the catalogue, map strategies, run a search space.
+
+Bad input prints one line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        raise _BadInput(f"{self.prog}: {message}")
+
+
+class _BadInput(Exception):
+    pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return EXIT_BAD_INPUT
+        return args.handler(args)
+    except _BadInput as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValueError as error:  # LoraSettingsError, ModelResolutionError, StrategyError
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m lora_core", description="LoRA Explorer engine: exact PEFT parameter counts.")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    count = commands.add_parser("count", help="trainable / all parameters of a LoRA config on a model")
+    count.add_argument("--model", required=True, help="catalogue id, Hub id, model folder or config.json path")
+    count.add_argument("--lora", action="append", default=[], help="adapter_config.json (repeat for several)")
+    _add_settings_flags(count)
+    count.add_argument("--modules", action="store_true", help="print every adapted module, not the per-role summary")
+    count.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    count.set_defaults(handler=_cmd_count)
+
+    catalogue = commands.add_parser("catalogue", help="list the bundled model configs")
+    catalogue.add_argument("--json", action="store_true")
+    catalogue.set_defaults(handler=_cmd_catalogue)
+
+    strategies = commands.add_parser("strategies", help="Q,V / All attention / FFN only / All linear on a model")
+    strategies.add_argument("--model", required=True)
+    strategies.add_argument("--r", type=int, default=16)
+    strategies.add_argument("--alpha", type=float, default=None)
+    strategies.add_argument("--json", action="store_true")
+    strategies.set_defaults(handler=_cmd_strategies)
+
+    search = commands.add_parser("search", help="the article's search spaces counted on a model")
+    search.add_argument("--model", required=True)
+    search.add_argument("--space", choices=("efficiency", "balanced", "thorough"), default="balanced")
+    search.add_argument("--json", action="store_true")
+    search.set_defaults(handler=_cmd_search)
+    return parser
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--r", type=int, help="rank (default 8, or the --lora file's)")
+    parser.add_argument("--alpha", type=float, help="lora_alpha")
+    parser.add_argument("--dropout", type=float, help="lora_dropout")
+    parser.add_argument("--targets", help="comma list (q_proj,v_proj), 'all-linear', or re:REGEX for a regex")
+    parser.add_argument("--target-parameters", help="comma list of parameter names (MoE experts)")
+    parser.add_argument("--exclude", help="comma list of modules to exclude")
+    parser.add_argument("--rank-pattern", action="append", default=[], metavar="KEY=R", help="per-module rank")
+    parser.add_argument("--alpha-pattern", action="append", default=[], metavar="KEY=A", help="per-module alpha")
+    parser.add_argument("--layers", help="layers_to_transform, e.g. 0,1,2 or 0-15")
+    parser.add_argument("--layers-pattern", help="layers_pattern, e.g. layers")
+    parser.add_argument("--use-dora", action="store_true", default=None)
+    parser.add_argument("--use-rslora", action="store_true", default=None)
+    parser.add_argument("--bias", choices=("none", "all", "lora_only"))
+    parser.add_argument("--lora-bias", action="store_true", default=None)
+    parser.add_argument("--modules-to-save", help="comma list of modules trained in full")
+
+
+def settings_from_args(args: argparse.Namespace, base=None):
+    """A LoraSettings from the flags, on top of `base` (an --lora file's settings) when given."""
+    from lora_core.settings import LoraSettings
+
+    settings = base or LoraSettings()
+    changes: dict[str, Any] = {}
+    for flag, field in (("r", "r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout"), ("bias", "bias")):
+        if getattr(args, flag) is not None:
+            changes[field] = getattr(args, flag)
+    for flag, field in (("use_dora", "use_dora"), ("use_rslora", "use_rslora"), ("lora_bias", "lora_bias")):
+        if getattr(args, flag):
+            changes[field] = True
+    if args.targets:
+        changes["target_modules"] = _targets(args.targets)
+    if args.target_parameters:
+        changes["target_parameters"] = _csv(args.target_parameters)
+    if args.exclude:
+        changes["exclude_modules"] = _csv(args.exclude)
+    if args.modules_to_save:
+        changes["modules_to_save"] = _csv(args.modules_to_save)
+    if args.rank_pattern:
+        changes["rank_pattern"] = {**settings.rank_pattern, **_pairs(args.rank_pattern, int, "--rank-pattern")}
+    if args.alpha_pattern:
+        changes["alpha_pattern"] = {**settings.alpha_pattern, **_pairs(args.alpha_pattern, float, "--alpha-pattern")}
+    if args.layers:
+        changes["layers_to_transform"] = _layers(args.layers)
+    if args.layers_pattern:
+        changes["layers_pattern"] = args.layers_pattern
+    if "lora_alpha" not in changes and isinstance(changes.get("r"), int) and changes["r"] > 0 and base is None:
+        changes["lora_alpha"] = changes["r"]  # alpha = r unless told otherwise: the article's default
+    return settings.replace(**changes)
+
+
+def _targets(text: str):
+    if text.startswith("re:"):
+        return text[3:]
+    if text.strip().lower() == "all-linear":
+        return "all-linear"
+    return _csv(text)
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _pairs(items: list[str], cast, flag: str) -> dict[str, Any]:
+    result = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _BadInput(f"{flag} takes KEY=VALUE, got {item!r}")
+        try:
+            result[key] = cast(value)
+        except ValueError:
+            raise _BadInput(f"{flag} {key}: {value!r} is not a {cast.__name__}") from None
+    return result
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    layers: list[int] = []
+    try:
+        for part in _csv(text):
+            low, dash, high = part.partition("-")
+            layers += list(range(int(low), int(high) + 1)) if dash else [int(low)]
+    except ValueError:
+        raise _BadInput(f"--layers takes integers and ranges like 0,1,4-7, got {text!r}") from None
+    return tuple(layers)
+
+
+def _load_lora_file(path: str):
+    from lora_core.settings import LoraSettings, LoraSettingsError
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / "adapter_config.json"
+    if not file.is_file():
+        raise _BadInput(f"--lora {path}: no such file")
+    try:
+        return LoraSettings.from_json(file.read_text())
+    except LoraSettingsError as error:
+        raise _BadInput(f"--lora {path}: {error}") from None
+
+
+def _cmd_count(args: argparse.Namespace) -> int:
+    from lora_core.counting import count_lora_params
+    from lora_core.models import inventory, resolve_model
+
+    inv = inventory(resolve_model(args.model))
+    bases = [_load_lora_file(path) for path in args.lora] or [None]
+    results = [count_lora_params(inv, settings_from_args(args, base)) for base in bases]
+    if args.json:
+        payload = [r.to_dict() for r in results]
+        print(json.dumps(payload if len(args.lora) > 1 else payload[0], indent=2))
+        return 0
+    for label, result in zip(args.lora or [None], results):
+        print(_count_table(result, label, args.modules))
+    return 0
+
+
+def _count_table(result, label: str | None, all_modules: bool) -> str:
+    lines = [
+        f"model             {result.model_id}" + (f"   ({label})" if label else ""),
+        f"trainable params  {result.trainable_params:,}",
+        f"all params        {result.all_params:,}",
+        f"base params       {result.base_params:,}",
+        f"trainable %       {result.percent_trainable:.4f}",
+    ]
+    lines += [f"warning: {w}" for w in result.warnings]
+    modules = result.modules
+    if all_modules:
+        table = modules[["name", "layer", "role", "in_features", "out_features", "rank", "alpha", "scale", "params"]]
+    else:
+        table = (
+            modules.groupby(["role", "in_features", "out_features", "rank", "alpha", "scale"], as_index=False)
+            .agg(modules=("name", "size"), params=("params", "sum"))
+            .sort_values("params", ascending=False)
+        )
+    lines += ["", table.to_string(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _cmd_catalogue(args: argparse.Namespace) -> int:
+    from lora_core.models import catalogue_ids, inventory, resolve_model
+
+    rows = []
+    for model_id in catalogue_ids():
+        inv = inventory(resolve_model(model_id))
+        rows.append(
+            {"model": model_id, "model_type": inv.model_type, "class": inv.model_class, "params": inv.total_params}
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['model']:<40} {row['model_type']:<11} {row['params']:>16,}")
+    return 0
+
+
+def _cmd_strategies(args: argparse.Namespace) -> int:
+    from lora_core.strategies import compare_strategies
+
+    table = compare_strategies(args.model, args.r, args.alpha if args.alpha is not None else args.r)
+    if args.json:
+        print(table.to_json(orient="records", indent=2))
+    else:
+        columns = ["strategy", "targets", "modules", "trainable_params", "percent", "size_16bit_mb", "note", "error"]
+        print(table[[c for c in columns if c in table]].to_string(index=False))
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from lora_core.strategies import count_search_space
+
+    table = count_search_space(args.model, args.space)
+    if args.json:
+        print(table.to_json(orient="records", indent=2))
+    else:
+        print(table.to_string(index=False))
+    return 0
