@@ -184,9 +184,15 @@ def _resolve_hub(model_id: str, trust_remote_code: bool) -> ModelSpec:
     return ModelSpec(model_id, "hub", json.dumps(config.to_dict(), sort_keys=True, default=str), trust_remote_code)
 
 
+# Models handed in directly (`inventory_of`), by spec key: tests and non-transformers modules.
+_GIVEN_MODELS: dict[str, Any] = {}
+
+
 @functools.lru_cache(maxsize=8)
 def meta_model(spec: ModelSpec):
     """`build_meta_model(spec)`, cached per config: shared, so never hand it to PEFT (it mutates)."""
+    if spec.key in _GIVEN_MODELS:
+        return _GIVEN_MODELS[spec.key]
     return build_meta_model(spec)
 
 
@@ -257,7 +263,19 @@ def _first_line(error: BaseException) -> str:
 @functools.lru_cache(maxsize=16)
 def inventory(spec: ModelSpec) -> Inventory:
     """The module inventory of `spec`, cached per config. See `Inventory` for the columns."""
-    model = meta_model(spec)
+    return _take_inventory(spec, meta_model(spec))
+
+
+def inventory_of(spec: ModelSpec, model) -> Inventory:
+    """The inventory of an `nn.Module` you already have (any module, not only transformers');
+    `spec` names it for caching and messages."""
+    _GIVEN_MODELS[spec.key] = model
+    meta_model.cache_clear()
+    inventory.cache_clear()
+    return inventory(spec)
+
+
+def _take_inventory(spec: ModelSpec, model) -> Inventory:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_name = next((n for n, m in model.named_modules() if m is output), None) if output is not None else None
     module_rows = [_module_row(name, module, output_name) for name, module in model.named_modules() if name]
@@ -282,7 +300,7 @@ def inventory(spec: ModelSpec) -> Inventory:
         output_embedding=output_name,
         modules=modules,
         params=params,
-        facts=_facts(model.config, modules, int(params["numel"].sum())),
+        facts=_facts(getattr(model, "config", None), modules, int(params["numel"].sum())),
     )
 
 
@@ -373,13 +391,14 @@ def layer_index(name: str) -> int:
 
 def _facts(config, modules: pd.DataFrame, total: int) -> dict[str, Any]:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(config, "model_type", "")
     layers = modules.loc[modules["layer"] >= 0, "layer"]
 
     def first(*names):
         return next((getattr(text, n) for n in names if getattr(text, n, None) is not None), None)
 
     return {
-        "model_type": config.model_type,
+        "model_type": model_type,
         "layers": first("num_hidden_layers", "n_layer", "num_layers") or (int(layers.max()) + 1 if len(layers) else 0),
         "hidden_size": first("hidden_size", "n_embd", "d_model", "dim"),
         "intermediate_size": first("intermediate_size", "n_inner", "d_ff", "hidden_dim", "ffn_dim"),

@@ -7,6 +7,7 @@ What the app shows, counts, trains and exports is this object; it converts to an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -77,21 +78,20 @@ class LoraSettings:
     peft_extras: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # Normalise lists to tuples so two equal settings compare and hash-key equal.
-        for name in ("target_modules", "exclude_modules", "layers_pattern"):
+        # Lists become tuples so equal settings compare and hash equal. PEFT turns target,
+        # exclude and parameter lists into sets, so their order means nothing: sort them.
+        for name in ("target_modules", "exclude_modules", "target_parameters"):
             value = getattr(self, name)
-            if isinstance(value, (list, set, frozenset)):
-                object.__setattr__(
-                    self, name, tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
-                )
-        for name in ("target_parameters", "modules_to_save"):
+            if name == "target_parameters" and isinstance(value, str):
+                value = (value,)
+            if isinstance(value, (list, tuple, set, frozenset)):
+                object.__setattr__(self, name, tuple(sorted(set(value), key=str)))
+        if isinstance(self.modules_to_save, str):
+            object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
+        for name in ("modules_to_save", "layers_pattern", "layers_to_transform"):
             value = getattr(self, name)
             if isinstance(value, (list, set, frozenset)):
                 object.__setattr__(self, name, tuple(value))
-            elif isinstance(value, str):
-                object.__setattr__(self, name, (value,))
-        if isinstance(self.layers_to_transform, list):
-            object.__setattr__(self, "layers_to_transform", tuple(self.layers_to_transform))
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
         object.__setattr__(self, "peft_extras", dict(self.peft_extras or {}))
@@ -194,21 +194,21 @@ class LoraSettings:
         if not isinstance(data, Mapping):
             raise LoraSettingsError([f"an adapter config must be a JSON object, got {type(data).__name__}"])
         peft_type = data.get("peft_type", "LORA")
-        if str(peft_type).upper() != "LORA":
+        if str(getattr(peft_type, "value", peft_type)).upper() != "LORA":
             raise LoraSettingsError([f"`peft_type` is {peft_type!r}; only LORA configs are supported"])
-        known = _lora_config_fields()
+        defaults = _lora_config_defaults()
         kwargs: dict[str, Any] = {}
         extras: dict[str, Any] = {}
         for key, value in data.items():
             if key in MODELLED_FIELDS:
                 kwargs[key] = value
-            elif key in known and key not in _FILE_KEYS:
+            elif key in defaults and key not in _FILE_KEYS and value != defaults[key]:
                 extras[key] = value
         problems = _type_problems(kwargs)
         if problems:
             raise LoraSettingsError(problems)
         if kwargs.get("task_type") is not None:
-            kwargs["task_type"] = str(kwargs["task_type"])
+            kwargs["task_type"] = str(getattr(kwargs["task_type"], "value", kwargs["task_type"]))
         for name in ("rank_pattern", "alpha_pattern"):
             if kwargs.get(name) is None:
                 kwargs.pop(name, None)
@@ -243,6 +243,13 @@ def _lora_config_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(LoraConfig)}
 
 
+@functools.cache
+def _lora_config_defaults() -> dict[str, Any]:
+    from peft import LoraConfig
+
+    return LoraConfig().to_dict()
+
+
 def _type_problems(kwargs: Mapping[str, Any]) -> list[str]:
     problems = []
     for name in ("rank_pattern", "alpha_pattern"):
@@ -250,9 +257,9 @@ def _type_problems(kwargs: Mapping[str, Any]) -> list[str]:
             problems.append(f"`{name}` must be an object mapping regex keys to numbers")
     for name in ("target_modules", "exclude_modules"):
         value = kwargs.get(name)
-        if value is not None and not isinstance(value, (str, list, tuple)):
+        if value is not None and not isinstance(value, (str, list, tuple, set, frozenset)):
             problems.append(f"`{name}` must be a list of names or a regex string")
-        if isinstance(value, (list, tuple)) and any(not isinstance(v, str) for v in value):
+        if isinstance(value, (list, tuple, set, frozenset)) and any(not isinstance(v, str) for v in value):
             problems.append(f"`{name}` must hold strings only")
     for name in ("use_rslora", "use_dora", "lora_bias"):
         if name in kwargs and not isinstance(kwargs[name], bool):

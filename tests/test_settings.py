@@ -1,0 +1,135 @@
+"""LoraSettings: PEFT field names, validation PEFT lacks, and the adapter_config.json round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from peft import LoraConfig
+from peft_reference import peft_counts
+
+from lora_core import LoraSettings, LoraSettingsError, count_lora_params, unknown_keys
+
+
+def test_field_names_and_defaults_are_peft_s() -> None:
+    peft_default = LoraConfig()
+    ours = LoraSettings()
+    for name in ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias", "lora_bias"):
+        assert getattr(ours, name) == getattr(peft_default, name), name
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"r": 0}, "`r`"),
+        ({"lora_alpha": 0}, "`lora_alpha`"),
+        ({"lora_dropout": 1.0}, "`lora_dropout`"),
+        ({"lora_dropout": -0.1}, "`lora_dropout`"),
+        ({"bias": "some"}, "`bias`"),
+        ({"rank_pattern": {"fc1": 0}}, "`rank_pattern`"),
+        ({"alpha_pattern": {"fc1": -2}}, "`alpha_pattern`"),
+        ({"target_modules": ()}, "`target_modules`"),
+        ({"target_modules": "all-linear", "layers_to_transform": (0,)}, "`layers_to_transform`"),
+        ({"layers_pattern": "layers"}, "`layers_pattern`"),
+        ({"target_parameters": ("down_proj",), "use_dora": True}, "`use_dora`"),
+    ],
+)
+def test_each_structural_problem_names_its_field(changes, field) -> None:
+    problems = LoraSettings(target_modules=("q_proj",)).replace(**changes).problems()
+    assert len(problems) == 1
+    assert field in problems[0]
+
+
+def test_valid_settings_have_no_problems() -> None:
+    assert LoraSettings(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=("q_proj",)).problems() == []
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        LoraSettings(r=16, lora_alpha=32, target_modules=("v_proj", "q_proj"), lora_dropout=0.05),
+        LoraSettings(r=8, target_modules="all-linear", use_rslora=True, use_dora=True),
+        LoraSettings(
+            r=8,
+            lora_alpha=16,
+            target_modules=("q_proj", "v_proj", "fc1", "fc2"),
+            rank_pattern={"fc1": 32},
+            alpha_pattern={"fc1": 32},
+            layers_to_transform=(0, 2, 4),
+            bias="lora_only",
+            modules_to_save=("lm_head",),
+            exclude_modules=("fc2",),
+        ),
+    ],
+)
+def test_json_round_trip_through_peft_save_and_load(settings: LoraSettings, tmp_path) -> None:
+    (tmp_path / "adapter_config.json").write_text(settings.to_json())
+    loaded = LoraConfig.from_pretrained(str(tmp_path))
+    back = LoraSettings.from_peft_config(loaded)
+    assert back == settings
+    assert LoraSettings.from_json(settings.to_json()) == settings
+    ours = count_lora_params("facebook/opt-125m", settings)
+    assert ours.trainable_params == peft_counts("facebook/opt-125m", back)[0]
+
+
+def test_export_is_stable_and_sorted() -> None:
+    a = LoraSettings(target_modules=("v_proj", "q_proj")).to_json()
+    b = LoraSettings(target_modules=("q_proj", "v_proj")).to_json()
+    assert a == b
+    data = json.loads(a)
+    assert data["target_modules"] == ["q_proj", "v_proj"]
+    assert list(data) == sorted(data)
+    assert data["peft_type"] == "LORA"
+
+
+def test_peft_s_own_saved_file_imports(tmp_path) -> None:
+    LoraConfig(r=12, lora_alpha=24, target_modules=["q_proj", "k_proj"], init_lora_weights="gaussian").save_pretrained(
+        str(tmp_path)
+    )
+    settings = LoraSettings.from_json((tmp_path / "adapter_config.json").read_text())
+    assert settings.r == 12 and settings.lora_alpha == 24
+    assert set(settings.target_modules) == {"q_proj", "k_proj"}
+    # A LoraConfig field this object does not model is carried, not lost.
+    assert settings.peft_extras["init_lora_weights"] == "gaussian"
+    assert settings.to_peft_config().init_lora_weights == "gaussian"
+
+
+def test_minimal_hand_written_file_and_unknown_keys() -> None:
+    data = {"r": 4, "target_modules": ["q_proj"], "my_note": "hi", "peft_type": "LORA"}
+    settings = LoraSettings.from_peft_dict(data)
+    assert settings.r == 4 and settings.target_modules == ("q_proj",)
+    assert unknown_keys(data) == ["my_note"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"peft_type": "IA3"}', "only LORA"),
+        ('{"rank_pattern": [1]}', "`rank_pattern`"),
+        ('{"use_dora": "yes"}', "`use_dora`"),
+        ('{"target_modules": 5}', "`target_modules`"),
+    ],
+)
+def test_bad_adapter_files_raise_one_clear_error(text: str, message: str) -> None:
+    with pytest.raises(LoraSettingsError, match=message):
+        LoraSettings.from_json(text)
+
+
+def test_to_peft_config_is_fresh_each_time() -> None:
+    settings = LoraSettings(target_modules=("q_proj",))
+    first = settings.to_peft_config()
+    first.target_modules.add("k_proj")
+    assert settings.to_peft_config().target_modules == {"q_proj"}
+
+
+def test_scaling_follows_lora_and_rslora() -> None:
+    assert LoraSettings(r=16, lora_alpha=32).scaling() == 2.0
+    assert LoraSettings(r=16, lora_alpha=32, use_rslora=True).scaling() == 8.0
+
+
+def test_settings_hash_and_equality_ignore_list_vs_tuple() -> None:
+    a = LoraSettings(target_modules=["q_proj"], rank_pattern={"q_proj": 4})
+    b = LoraSettings(target_modules=("q_proj",), rank_pattern={"q_proj": 4})
+    assert a == b and hash(a) == hash(b)
