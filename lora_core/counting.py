@@ -105,7 +105,7 @@ class CountResult:
 
 @dataclass(frozen=True)
 class _Plan:
-    table: pd.DataFrame  # one inventory row per adapted module or parameter
+    arrays: dict[str, np.ndarray]  # inventory columns of the adapted modules and parameters
     rank_keys: tuple[str | None, ...]  # per target: the winning rank_pattern key, or None
     alpha_keys: tuple[str | None, ...]
     fused_multiplier: np.ndarray  # (n_targets,) rank/alpha factor PEFT's MoE conversion applies
@@ -143,46 +143,28 @@ def _plan_key(settings: LoraSettings, inv: Inventory) -> LoraSettings:
 
 
 def _tally(inv: Inventory, settings: LoraSettings, plan: _Plan) -> CountResult:
-    table = plan.table
-    kind = table["kind"].to_numpy()
-    fan_in = table["in_features"].to_numpy(dtype=np.int64)
-    fan_out = table["out_features"].to_numpy(dtype=np.int64)
-    experts = table["experts"].to_numpy(dtype=np.int64)
-    kernel = table["kernel"].to_numpy(dtype=np.int64)
-    groups = table["groups"].to_numpy(dtype=np.int64)
+    a = plan.arrays
     rank = np.array([settings.rank_pattern[k] if k else settings.r for k in plan.rank_keys], dtype=np.int64)
     alpha = np.array([settings.alpha_pattern[k] if k else settings.lora_alpha for k in plan.alpha_keys], dtype=float)
     fused = plan.fused_multiplier
     rank = np.where(fused > 1, settings.r * fused, rank)
     alpha = np.where(fused > 1, settings.lora_alpha * fused, alpha)
 
-    is_conv = kind == "conv"
-    params = rank * experts * (fan_in + fan_out)
-    params = np.where(is_conv, rank * fan_in * kernel + fan_out * rank // np.maximum(groups, 1), params)
-    has_magnitude = settings.use_dora & np.isin(kind, ("linear", "conv1d", "embedding", "conv"))
-    params = params + np.where(has_magnitude, fan_out, 0)
-    params = params + np.where(settings.lora_bias & (kind != "embedding"), fan_out, 0)
+    kind, fan_in, fan_out = a["kind"], a["in_features"], a["out_features"]
+    params = rank * a["experts"] * (fan_in + fan_out)
+    conv_params = rank * fan_in * a["kernel"] + fan_out * rank // np.maximum(a["groups"], 1)
+    params = np.where(kind == "conv", conv_params, params)
+    if settings.use_dora:
+        params = params + np.where(kind != "param", fan_out, 0)  # the magnitude vector
+    if settings.lora_bias:
+        params = params + np.where(kind != "embedding", fan_out, 0)  # lora_B's bias
     scale = alpha / (np.sqrt(rank) if settings.use_rslora else rank)
 
     lora = int(params.sum())
-    bias = _trainable_bias(inv, settings, table)
+    bias = _trainable_bias(inv, settings, a)
     saved = plan.saved_module_params
-    modules = pd.DataFrame(
-        {
-            "name": table["name"].to_numpy(),
-            "layer": table["layer"].to_numpy(),
-            "role": table["role"].to_numpy(),
-            "kind": kind,
-            "in_features": fan_in,
-            "out_features": fan_out,
-            "experts": experts,
-            "rank": rank,
-            "alpha": alpha,
-            "scale": scale,
-            "params": params,
-        },
-        columns=MODULE_COLUMNS,
-    )
+    columns = {name: a[name] for name in ("name", "layer", "role", "kind", "in_features", "out_features", "experts")}
+    modules = pd.DataFrame({**columns, "rank": rank, "alpha": alpha, "scale": scale, "params": params})
     return CountResult(
         model_id=inv.spec.model_id,
         settings=settings,
@@ -197,15 +179,19 @@ def _tally(inv: Inventory, settings: LoraSettings, plan: _Plan) -> CountResult:
     )
 
 
-def _trainable_bias(inv: Inventory, settings: LoraSettings, table: pd.DataFrame) -> int:
+def _trainable_bias(inv: Inventory, settings: LoraSettings, arrays: dict[str, np.ndarray]) -> int:
     if settings.bias == "lora_only":
         # PEFT: every LoRA layer whose base layer has a bias trains that bias.
-        return int(table.loc[table["kind"] != "param", "bias_numel"].sum())
+        return int(arrays["bias_numel"][arrays["kind"] != "param"].sum())
     if settings.bias == "all":
         # PEFT: every parameter named `bias` or `*.bias` trains, LayerNorm biases included.
-        names = inv.params["name"]
-        return int(inv.params.loc[(names == "bias") | names.str.endswith(".bias"), "numel"].sum())
+        return _all_bias_numel(inv.spec, inv)
     return 0
+
+
+def _all_bias_numel(spec: ModelSpec, inv: Inventory) -> int:
+    names = inv.params["name"]
+    return int(inv.params.loc[(names == "bias") | names.str.endswith(".bias"), "numel"].sum())
 
 
 def _rank_warnings(modules: pd.DataFrame) -> list[str]:
@@ -221,7 +207,7 @@ def _rank_warnings(modules: pd.DataFrame) -> list[str]:
 
 
 def _param_wrapper_problems(inv: Inventory, plan: _Plan, settings: LoraSettings) -> list[str]:
-    kinds = set(plan.table["kind"])
+    kinds = set(plan.arrays["kind"])
     found = []
     if "param" in kinds:
         for name, value in (
@@ -316,7 +302,9 @@ def _build_plan(inv: Inventory, settings: LoraSettings) -> _Plan:
     rank_keys, alpha_keys, fused = _pattern_keys(settings, config, names)
     problems += _unused_pattern_problems(settings, names)
     saved, saved_warnings = _modules_to_save(inv, config)
-    return _Plan(table, rank_keys, alpha_keys, fused, saved, tuple(problems), tuple(warnings + saved_warnings))
+    numeric = ("layer", "in_features", "out_features", "experts", "kernel", "groups", "bias_numel", "numel")
+    arrays = {c: table[c].to_numpy(dtype=np.int64 if c in numeric else object) for c in table.columns}
+    return _Plan(arrays, rank_keys, alpha_keys, fused, saved, tuple(problems), tuple(warnings + saved_warnings))
 
 
 def _match_parameters(inv: Inventory, config, matched: set[str]) -> tuple[pd.DataFrame, list[str]]:
@@ -446,7 +434,7 @@ def matched_module_names(model: str | ModelSpec | Inventory, settings: LoraSetti
     leaves alone (e.g. the output head under `"all-linear"`)."""
     inv = model if isinstance(model, Inventory) else inventory(resolve_model(model))
     plan = _plan(inv, _plan_key(settings, inv))
-    adapted = plan.table["name"].tolist()
+    adapted = plan.arrays["name"].tolist()
     chosen = set(adapted)
     left = [n for n in inv.names(SUPPORTED_KINDS) if n not in chosen]
     return adapted, left

@@ -27,7 +27,9 @@ def test_count_table(capsys) -> None:
 
 
 def test_count_json_keys(capsys) -> None:
-    code, out, _ = run(capsys, "count", "--model", "facebook/opt-125m", "--r", "16", "--targets", "q_proj,v_proj", "--json")
+    code, out, _ = run(
+        capsys, "count", "--model", "facebook/opt-125m", "--r", "16", "--targets", "q_proj,v_proj", "--json"
+    )
     data = json.loads(out)
     assert code == 0
     assert data["trainable_params"] == 589_824
@@ -46,7 +48,9 @@ def test_several_lora_files_give_a_list(capsys, tmp_path) -> None:
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     first.write_text(LoraSettings(r=16, lora_alpha=16, target_modules=("q_proj", "v_proj")).to_json())
     second.write_text(LoraSettings(r=16, lora_alpha=16, target_modules="all-linear").to_json())
-    code, out, _ = run(capsys, "count", "--model", "facebook/opt-125m", "--lora", str(first), "--lora", str(second), "--json")
+    code, out, _ = run(
+        capsys, "count", "--model", "facebook/opt-125m", "--lora", str(first), "--lora", str(second), "--json"
+    )
     data = json.loads(out)
     assert code == 0 and [d["trainable_params"] for d in data] == [589_824, 1_327_104 * 2]
 
@@ -81,7 +85,12 @@ def test_malformed_lora_file(capsys, tmp_path) -> None:
 
 def test_strategies_and_search_commands(capsys) -> None:
     code, out, _ = run(capsys, "strategies", "--model", "openai-community/gpt2", "--json")
-    assert code == 0 and [row["strategy"] for row in json.loads(out)] == ["Q,V", "All attention", "FFN only", "All linear"]
+    assert code == 0 and [row["strategy"] for row in json.loads(out)] == [
+        "Q,V",
+        "All attention",
+        "FFN only",
+        "All linear",
+    ]
     code, out, _ = run(capsys, "search", "--model", "facebook/opt-125m", "--space", "balanced", "--json")
     assert code == 0 and len(json.loads(out)) == 36
 

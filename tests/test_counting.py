@@ -83,7 +83,9 @@ def test_task_type_seq_cls_adds_the_head_like_peft_model_for_sequence_classifica
 
     from lora_core.models import spec_from_text
 
-    config = AutoConfig.for_model("bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+    config = AutoConfig.for_model(
+        "bert", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128
+    )
     config.architectures = ["BertForSequenceClassification"]
     spec = spec_from_text(config.to_json_string(), "tiny-bert-cls")
     settings = LoraSettings(r=4, target_modules=("query", "value"), task_type="SEQ_CLS")
@@ -152,8 +154,18 @@ SEED = (
         2.52,
     ),
     ("meta-llama/Llama-2-7b-hf", LoraSettings(r=16, target_modules=("q_proj", "v_proj")), 8_388_608, None),
-    ("meta-llama/Llama-2-7b-hf", LoraSettings(r=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")), 16_777_216, None),
-    ("meta-llama/Llama-2-7b-hf", LoraSettings(r=16, target_modules=("gate_proj", "up_proj", "down_proj")), 23_199_744, None),
+    (
+        "meta-llama/Llama-2-7b-hf",
+        LoraSettings(r=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")),
+        16_777_216,
+        None,
+    ),
+    (
+        "meta-llama/Llama-2-7b-hf",
+        LoraSettings(r=16, target_modules=("gate_proj", "up_proj", "down_proj")),
+        23_199_744,
+        None,
+    ),
     ("meta-llama/Llama-2-7b-hf", LoraSettings(r=16, target_modules="all-linear"), 39_976_960, None),
     ("mistralai/Mixtral-8x7B-v0.1", LoraSettings(r=16, target_modules="all-linear"), 359_665_664, None),
     ("meta-llama/Llama-3.1-70B-Instruct", LoraSettings(r=16, target_modules="all-linear"), 207_093_760, None),
@@ -169,7 +181,9 @@ def test_seed_published_numbers(model_id, settings, trainable, percent) -> None:
 
 
 def test_mixtral_all_linear_doubles_rank_on_fused_gate_up() -> None:
-    result = count_lora_params("mistralai/Mixtral-8x7B-v0.1", LoraSettings(r=16, lora_alpha=32, target_modules="all-linear"))
+    result = count_lora_params(
+        "mistralai/Mixtral-8x7B-v0.1", LoraSettings(r=16, lora_alpha=32, target_modules="all-linear")
+    )
     fused = result.modules[result.modules["name"].str.endswith("gate_up_proj")]
     assert set(fused["rank"]) == {32} and set(fused["alpha"]) == {64.0}
     assert set(result.modules["role"]) >= {"attn_q", "router", "expert"}
@@ -208,7 +222,9 @@ def test_breakdown_reports_scale_with_and_without_rslora() -> None:
 
 def test_structural_problems_are_reported_together() -> None:
     with pytest.raises(LoraSettingsError) as error:
-        count_lora_params("facebook/opt-125m", LoraSettings(r=0, lora_alpha=-1, lora_dropout=1.5, target_modules=("q_proj",)))
+        count_lora_params(
+            "facebook/opt-125m", LoraSettings(r=0, lora_alpha=-1, lora_dropout=1.5, target_modules=("q_proj",))
+        )
     problems = error.value.problems
     assert len(problems) == 3
     assert any("`r`" in p for p in problems)
@@ -268,7 +284,7 @@ def test_dropout_on_fused_experts_is_refused_like_peft() -> None:
 
 
 def test_layers_beyond_the_model_are_named() -> None:
-    with pytest.raises(LoraSettingsError, match="`layers_to_transform`.*layers 0-11"):
+    with pytest.raises(LoraSettingsError, match=r"`layers_to_transform`.*layers 0-11"):
         count_lora_params("facebook/opt-125m", LoraSettings(target_modules=("q_proj",), layers_to_transform=(40,)))
 
 

@@ -34,7 +34,10 @@ def test_catalogue_has_the_twenty_configs_under_hub_ids() -> None:
 def test_meta_inventory_totals_match_the_published_totals(model_id: str) -> None:
     inv = inventory(resolve_model(model_id))
     assert inv.total_params == readme_totals()[model_id]
-    assert inv.model_class == json.loads((CATALOGUE / f"{model_id.replace('/', '__')}.json").read_text())["architectures"][0]
+    assert (
+        inv.model_class
+        == json.loads((CATALOGUE / f"{model_id.replace('/', '__')}.json").read_text())["architectures"][0]
+    )
     assert {"name", "kind", "layer", "role", "in_features", "out_features"} <= set(inv.modules.columns)
 
 
@@ -48,7 +51,7 @@ def test_resolution_by_directory_and_by_file(tmp_path) -> None:
 
 
 def test_directory_without_config_says_so(tmp_path) -> None:
-    with pytest.raises(ModelResolutionError, match="has no config.json"):
+    with pytest.raises(ModelResolutionError, match=r"has no config\.json"):
         resolve_model(str(tmp_path))
 
 

@@ -60,7 +60,9 @@ def test_bert_ffn_needs_a_regex_and_peft_agrees() -> None:
     targets = resolve_strategy(inv, "FFN only")
     assert isinstance(targets.target_modules, str)  # output.dense is a suffix of attention.output.dense
     settings = targets.apply(LoraSettings(r=8))
-    assert count_lora_params(inv, settings).trainable_params == peft_counts("google-bert/bert-base-uncased", settings)[0]
+    assert (
+        count_lora_params(inv, settings).trainable_params == peft_counts("google-bert/bert-base-uncased", settings)[0]
+    )
 
 
 def test_mixtral_ffn_uses_target_parameters() -> None:

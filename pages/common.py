@@ -1,0 +1,185 @@
+"""Shared UI state: the current model and LoRA settings every page reads.
+
+Per-user state lives in `st.session_state` under `lx_*` keys; this module renders the sidebar that
+edits it and hands pages one `Current` object. It never imports torch: everything computed comes
+from `lora_core`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import streamlit as st
+
+import lora_core
+from lora_core import LoraSettings, ModelResolutionError
+from lora_core.strategies import STRATEGIES, StrategyError, describe_targets, resolve_strategy
+
+DEFAULT_MODEL = "meta-llama/Llama-2-7b-hf"
+CUSTOM = "Custom"
+MAX_UPLOAD_MB = 1
+
+
+@dataclass(frozen=True)
+class Current:
+    """What every page renders: the model, its inventory, the settings and their count (or why not)."""
+
+    spec: lora_core.ModelSpec
+    inventory: lora_core.Inventory
+    settings: LoraSettings
+    result: lora_core.CountResult | None
+    error: str | None
+    target_note: str
+
+
+def init_state() -> None:
+    """Defaults for a new session (kept across pages and reruns)."""
+    defaults = {
+        "lx_spec": lora_core.resolve_model(DEFAULT_MODEL),
+        "lx_catalogue_choice": DEFAULT_MODEL,
+        "lx_r": 16,
+        "lx_alpha": 32.0,
+        "lx_dropout": 0.05,
+        "lx_strategy": "All attention",
+        "lx_custom_targets": "q_proj, v_proj",
+        "lx_rslora": False,
+        "lx_dora": False,
+        "lx_bias": "none",
+        "lx_flash": None,
+    }
+    for key, value in defaults.items():
+        st.session_state.setdefault(key, value)
+
+
+def render_sidebar() -> None:
+    """The model picker and the LoRA settings, in the sidebar of every page."""
+    with st.sidebar:
+        st.subheader("Model")
+        _model_picker()
+        st.subheader("LoRA settings")
+        st.slider("Rank r", 1, 256, key="lx_r", help="LoRA rank: lora_A is r x in, lora_B is out x r")
+        st.number_input("Alpha (lora_alpha)", min_value=0.5, max_value=4096.0, step=1.0, key="lx_alpha")
+        st.slider("Dropout (lora_dropout)", 0.0, 0.5, step=0.01, key="lx_dropout")
+        st.selectbox("Target modules", [*STRATEGIES, CUSTOM], key="lx_strategy")
+        if st.session_state["lx_strategy"] == CUSTOM:
+            st.text_input(
+                "Custom targets",
+                key="lx_custom_targets",
+                help="comma-separated names (q_proj, v_proj), 'all-linear', or re:REGEX for a regex",
+            )
+        st.toggle("rsLoRA (alpha / sqrt(r))", key="lx_rslora")
+        st.toggle("DoRA", key="lx_dora")
+        st.selectbox("Bias", ["none", "lora_only", "all"], key="lx_bias")
+
+
+def _model_picker() -> None:
+    source = st.radio(
+        "Source", ["Catalogue", "Hub id or path", "Upload config.json"], horizontal=False, key="lx_source"
+    )
+    if source == "Catalogue":
+        choice = st.selectbox("Catalogue model", lora_core.catalogue_ids(), key="lx_catalogue_choice")
+        if choice != st.session_state["lx_spec"].model_id:
+            st.session_state["lx_spec"] = lora_core.resolve_model(choice)
+    elif source == "Hub id or path":
+        name = st.text_input("Hub id, model folder or config.json path", key="lx_model_text")
+        if st.button("Load model", key="lx_load") and name:
+            _try_set_model(lambda: lora_core.resolve_model(name))
+    else:
+        upload = st.file_uploader("config.json", type=["json"], key="lx_upload", max_upload_size=MAX_UPLOAD_MB)
+        if upload is not None and upload.file_id != st.session_state.get("lx_upload_seen"):
+            st.session_state["lx_upload_seen"] = upload.file_id
+            _try_set_model(lambda: lora_core.spec_from_text(upload.getvalue(), upload.name))
+    if st.session_state.get("lx_model_error"):
+        st.error(st.session_state["lx_model_error"])
+    st.caption(f"Current: **{st.session_state['lx_spec'].model_id}**")
+
+
+def _try_set_model(load) -> None:
+    """Switch model only when the new one resolves and builds; otherwise keep the current one."""
+    try:
+        spec = load()
+        lora_core.inventory(spec)
+    except ModelResolutionError as error:
+        st.session_state["lx_model_error"] = f"{error} (keeping {st.session_state['lx_spec'].model_id})"
+        return
+    st.session_state["lx_model_error"] = None
+    st.session_state["lx_spec"] = spec
+
+
+def settings_from_state(inv: lora_core.Inventory) -> tuple[LoraSettings, str]:
+    """The LoraSettings the sidebar describes on `inv`'s model, and a note about the targets."""
+    base = LoraSettings(
+        r=int(st.session_state["lx_r"]),
+        lora_alpha=float(st.session_state["lx_alpha"]),
+        lora_dropout=float(st.session_state["lx_dropout"]),
+        use_rslora=bool(st.session_state["lx_rslora"]),
+        use_dora=bool(st.session_state["lx_dora"]),
+        bias=st.session_state["lx_bias"],
+    )
+    if base.lora_alpha == int(base.lora_alpha):
+        base = base.replace(lora_alpha=int(base.lora_alpha))
+    strategy = st.session_state["lx_strategy"]
+    if strategy == CUSTOM:
+        return base.replace(target_modules=parse_targets(st.session_state["lx_custom_targets"])), ""
+    try:
+        targets = resolve_strategy(inv, strategy)
+    except StrategyError as error:
+        return base.replace(target_modules=()), str(error)
+    return targets.apply(base), targets.note
+
+
+def parse_targets(text: str) -> tuple[str, ...] | str:
+    """`q_proj, v_proj` -> a list; `all-linear` as is; `re:...` -> a regex string."""
+    text = text.strip()
+    if text.startswith("re:"):
+        return text[3:]
+    if text.lower() == "all-linear":
+        return "all-linear"
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def current() -> Current:
+    """The state every page renders, with the count or the one-line reason there is none."""
+    spec = st.session_state["lx_spec"]
+    inv = lora_core.inventory(spec)
+    settings, note = settings_from_state(inv)
+    try:
+        return Current(spec, inv, settings, lora_core.count_lora_params(inv, settings), None, note)
+    except ValueError as error:
+        return Current(spec, inv, settings, None, str(error), note)
+
+
+def show_count(state: Current) -> None:
+    """The headline numbers for the current config, or the validation error."""
+    if state.error:
+        st.error(state.error)
+        return
+    result = state.result
+    cols = st.columns(4)
+    cols[0].metric("Trainable parameters", f"{result.trainable_params:,}")
+    cols[1].metric("% of all parameters", f"{result.percent_trainable:.4f}%")
+    cols[2].metric("Adapted modules", f"{len(result.modules):,}")
+    cols[3].metric("Adapter size (bf16)", f"{result.trainable_params * 2 / 1e6:,.1f} MB")
+    st.caption(f"Targets: `{describe_targets(state.settings.target_modules, state.settings.target_parameters)}`")
+    if state.target_note:
+        st.caption(state.target_note)
+    for warning in result.warnings:
+        st.warning(warning)
+
+
+def role_breakdown(result: lora_core.CountResult) -> pd.DataFrame:
+    """Per-role sums of the per-module table."""
+    return (
+        result.modules.groupby("role", as_index=False)
+        .agg(modules=("name", "size"), params=("params", "sum"))
+        .sort_values("params", ascending=False)
+    )
+
+
+def human(count: int) -> str:
+    """1234567 -> '1.23M'."""
+    for threshold, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(count) >= threshold:
+            return f"{count / threshold:.2f}{suffix}"
+    return str(count)
