@@ -447,3 +447,20 @@ def _show(target: Any) -> str:
 def effective_scale(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     """`lora_alpha / r` (Hu et al. 2021), or `lora_alpha / sqrt(r)` with rsLoRA (Kalajdzievski 2023)."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def rank_curve(model: str | ModelSpec | Inventory, settings: LoraSettings, ranks) -> pd.DataFrame:
+    """Trainable parameters (and percent) of `settings` with `r` set to each of `ranks`.
+
+    A count is affine in `r` (modules under a rank_pattern keep their rank; every other adapted
+    module grows by r * (in + out)), so two exact counts give every rank exactly. Returns columns
+    `rank`, `trainable_params`, `percent`.
+    """
+    inv = model if isinstance(model, Inventory) else inventory(resolve_model(model))
+    one = count_lora_params(inv, settings.replace(r=1))
+    two = count_lora_params(inv, settings.replace(r=2))
+    ranks = np.asarray(list(ranks), dtype=np.int64)
+    slope = two.trainable_params - one.trainable_params
+    trainable = one.trainable_params + slope * (ranks - 1)
+    all_params = one.all_params + (two.all_params - one.all_params) * (ranks - 1)
+    return pd.DataFrame({"rank": ranks, "trainable_params": trainable, "percent": 100.0 * trainable / all_params})

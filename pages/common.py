@@ -13,7 +13,8 @@ import pandas as pd
 import streamlit as st
 
 import lora_core
-from lora_core import LoraSettings, ModelResolutionError
+from lora_core import LoraSettings, ModelResolutionError, simulate
+from lora_core.guidelines import alpha_advice
 from lora_core.strategies import STRATEGIES, StrategyError, describe_targets, resolve_strategy
 
 DEFAULT_MODEL = "meta-llama/Llama-2-7b-hf"
@@ -46,10 +47,68 @@ def init_state() -> None:
         "lx_rslora": False,
         "lx_dora": False,
         "lx_bias": "none",
-        "lx_flash": None,
+        "lx_rank_pattern": {},
+        "lx_alpha_pattern": {},
+        "lx_layers": None,
     }
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
+    _apply_pending()
+
+
+def request_apply(changes: dict) -> None:
+    """Ask the sidebar to take `changes` (widget keys -> values) on the next run, then rerun.
+
+    Widgets own their keys once drawn in a run, so a page cannot set them directly; the change is
+    parked and applied before the sidebar draws.
+    """
+    st.session_state["lx_pending"] = changes
+    st.rerun()
+
+
+def _apply_pending() -> None:
+    pending = st.session_state.pop("lx_pending", None)
+    if pending:
+        for key, value in pending.items():
+            st.session_state[key] = value
+
+
+def apply_settings(settings: LoraSettings, inv: lora_core.Inventory) -> None:
+    """Make the sidebar show `settings` (a recipe or a search-space row) and rerun."""
+    changes = {
+        "lx_r": int(settings.r),
+        "lx_alpha": float(settings.lora_alpha),
+        "lx_dropout": float(settings.lora_dropout),
+        "lx_rslora": settings.use_rslora,
+        "lx_dora": settings.use_dora,
+        "lx_bias": settings.bias,
+    }
+    strategy = strategy_of(settings, inv)
+    changes["lx_strategy"] = strategy or CUSTOM
+    if strategy is None:
+        changes["lx_custom_targets"] = targets_text(settings.target_modules)
+    request_apply(changes)
+
+
+def strategy_of(settings: LoraSettings, inv: lora_core.Inventory) -> str | None:
+    """The named strategy whose targets equal `settings`' on this model, if any."""
+    for name in STRATEGIES:
+        try:
+            targets = resolve_strategy(inv, name)
+        except StrategyError:
+            continue
+        if targets.target_modules == settings.target_modules and not targets.target_parameters:
+            return name
+    return None
+
+
+def targets_text(targets) -> str:
+    """The custom-targets text field's form of `target_modules`."""
+    if isinstance(targets, tuple):
+        return ", ".join(targets)
+    if targets == "all-linear":
+        return "all-linear"
+    return f"re:{targets}"
 
 
 def render_sidebar() -> None:
@@ -119,6 +178,11 @@ def settings_from_state(inv: lora_core.Inventory) -> tuple[LoraSettings, str]:
     )
     if base.lora_alpha == int(base.lora_alpha):
         base = base.replace(lora_alpha=int(base.lora_alpha))
+    base = base.replace(
+        rank_pattern=dict(st.session_state["lx_rank_pattern"]),
+        alpha_pattern=dict(st.session_state["lx_alpha_pattern"]),
+        layers_to_transform=st.session_state["lx_layers"],
+    )
     strategy = st.session_state["lx_strategy"]
     if strategy == CUSTOM:
         return base.replace(target_modules=parse_targets(st.session_state["lx_custom_targets"])), ""
@@ -166,6 +230,15 @@ def show_count(state: Current) -> None:
         st.caption(state.target_note)
     for warning in result.warnings:
         st.warning(warning)
+    advice = alpha_advice(state.settings)
+    if advice:
+        st.warning(advice)
+
+
+@st.cache_resource
+def simulation_device() -> str:
+    """The device simulations run on (CUDA, then MPS, then CPU), named for people."""
+    return simulate.device_description()
 
 
 def role_breakdown(result: lora_core.CountResult) -> pd.DataFrame:

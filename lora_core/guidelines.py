@@ -1,0 +1,60 @@
+"""The seed article's rules of thumb as data and checks: rank bands, alpha/r ratios, dropout vs rank."""
+
+from __future__ import annotations
+
+import math
+
+from lora_core.settings import LoraSettings
+
+# Article, "Empirical Guidelines for Rank Selection".
+RANK_BANDS: tuple[tuple[int, int, str], ...] = (
+    (4, 8, "simple tasks, classification"),
+    (16, 32, "sweet spot: instruction tuning, domain adaptation"),
+    (64, 128, "complex tasks, multilingual, abundant data"),
+    (256, 256, "rarely necessary: consider full fine-tuning"),
+)
+# Article, "The Alpha-to-Rank Ratio": alpha = r/2, r, 2r are the common choices.
+COMMON_SCALE_RANGE = (0.5, 2.0)
+UNUSUAL_SCALE_RANGE = (0.25, 4.0)
+
+
+def rank_band(r: int) -> str:
+    """The article's guideline band for rank `r`, or a note that it lies between bands."""
+    for low, high, label in RANK_BANDS:
+        if low <= r <= high or (high == 256 and r >= 256):
+            return label
+    return "between the article's bands"
+
+
+def alpha_advice(settings: LoraSettings) -> str | None:
+    """A warning when the effective scale (alpha/r, or alpha/sqrt(r) with rsLoRA) is unusual, else None."""
+    scale = settings.scaling()
+    low, high = UNUSUAL_SCALE_RANGE
+    kind = "alpha/sqrt(r)" if settings.use_rslora else "alpha/r"
+    if scale > high:
+        return (
+            f"{kind} = {scale:.2f} is unusually high: the LoRA branch outweighs its usual size; "
+            "expect instability unless the learning rate is lowered (the article's common range is 0.5-2)"
+        )
+    if scale < low:
+        return (
+            f"{kind} = {scale:.2f} is unusually low: updates will be damped; "
+            "the article's common range is 0.5-2 (alpha = r/2 to 2r)"
+        )
+    return None
+
+
+def dropout_advice(r: int, dropout: float) -> str | None:
+    """The article's warning: dropout bites hardest on low ranks (expected active rank r(1-p))."""
+    active = r * (1 - dropout)
+    if dropout > 0 and (r <= 4 or active < 4):
+        return (
+            f"with r={r} and dropout {dropout:g}, only {active:.1f} of {r} rank components are active on average: "
+            "low ranks already regularise; consider dropout 0"
+        )
+    return None
+
+
+def scale_of(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """alpha/r or alpha/sqrt(r)."""
+    return alpha / (math.sqrt(r) if use_rslora else r)

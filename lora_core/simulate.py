@@ -1,0 +1,420 @@
+"""Synthetic simulations behind the rank, alpha and dropout pages; pure functions returning DataFrames.
+
+Deterministic given a seed; the device is chosen automatically (CUDA, then MPS, then CPU) or
+passed explicitly. Never imports streamlit.
+
+Where the seed article's rank experiment (In[4]) draws a new target, new data and a new
+initialisation for every rank, `simulate_rank_sweep` fits **one** target from **one** data set and
+**one** initialisation (rank r uses the first r rows of a shared A), trains all ranks together in
+one tensor program, and reports each rank's closed-form optimum (reduced-rank regression,
+Eckart-Young on the fitted values) so a curve's gap to its floor is visible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+def pick_device(preference: str | None = None) -> str:
+    """`preference` when given and usable, else "cuda", then "mps", then "cpu"."""
+    import torch
+
+    if preference:
+        if preference.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {preference!r} requested but CUDA is not available")
+        if preference == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' requested but MPS is not available")
+        return preference
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def device_description(device: str | None = None) -> str:
+    """A human line naming the device simulations run on."""
+    import torch
+
+    device = pick_device(device)
+    if device.startswith("cuda"):
+        return f"CUDA: {torch.cuda.get_device_name(torch.device(device))}"
+    if device == "mps":
+        return "Apple MPS"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def make_rank_task(
+    d_in: int = 256, d_out: int = 256, true_rank: int = 8, num_samples: int = 500, noise: float = 0.1, seed: int = 42
+):
+    """The article's synthetic task: target `U @ V / sqrt(true_rank)` of rank `true_rank`,
+    inputs `X ~ N(0, 1)` of shape (num_samples, d_in), `Y = X @ target.T + noise * N(0, 1)`.
+    Returns (target, X, Y) as float32 CPU tensors."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.randn(d_out, true_rank, generator=generator)
+    v = torch.randn(true_rank, d_in, generator=generator)
+    target = u @ v / math.sqrt(true_rank)
+    x = torch.randn(num_samples, d_in, generator=generator)
+    y = x @ target.T + torch.randn(num_samples, d_out, generator=generator) * noise
+    return target, x, y
+
+
+def rank_floors(x, y, ranks: Sequence[int]) -> dict[int, float]:
+    """Closed-form minimum of `mean((x @ W.T - y) ** 2)` over W of rank <= r, for each r.
+
+    Reduced-rank regression: the least-squares fit Y_hat = X W_ols^T, truncated to its top r
+    singular directions (Eckart-Young), is optimal; its loss is the least-squares residual plus the
+    discarded singular values squared. Computed in float64.
+    """
+    return _floors(_least_squares(x, y), y.numel(), ranks)
+
+
+def _floors(fit, total: int, ranks: Sequence[int]) -> dict[int, float]:
+    energy = fit.fitted_singular**2
+    return {r: (fit.residual + float(energy[r:].sum())) / total for r in ranks}
+
+
+def simulate_rank_sweep(
+    d_in: int = 256,
+    d_out: int = 256,
+    true_rank: int = 8,
+    ranks: Sequence[int] = (2, 4, 8, 16, 32),
+    num_samples: int = 500,
+    epochs: int = 100,
+    lr: float = 0.01,
+    noise: float = 0.1,
+    seed: int = 42,
+    device: str | None = None,
+) -> pd.DataFrame:
+    """Train a LoRA pair (B @ A, B initialised to zero, A ~ 0.01 N(0, 1)) with full-batch Adam on
+    the article's task for every rank at once. Returns one row per (rank, epoch): `rank`, `epoch`,
+    `loss` (the MSE before that epoch's step, as the article records it) and `floor` (that rank's
+    closed-form optimum). Raises ValueError for non-positive sizes or ranks.
+    """
+    _check_positive(d_in=d_in, d_out=d_out, true_rank=true_rank, num_samples=num_samples, epochs=epochs)
+    ranks = sorted({int(r) for r in ranks})
+    if not ranks or ranks[0] < 1:
+        raise ValueError(f"`ranks` must be positive integers, got {ranks}")
+    if lr <= 0 or noise < 0:
+        raise ValueError("`lr` must be > 0 and `noise` >= 0")
+    _target, x, y = make_rank_task(d_in, d_out, true_rank, num_samples, noise, seed)
+    init_a = shared_init(max(ranks), d_in, seed)
+    fit = _least_squares(x, y)
+    losses = _train_concatenated(fit, y, init_a, ranks, epochs, lr, pick_device(device))
+    floors = _floors(fit, y.numel(), ranks)
+    frame = pd.DataFrame(
+        {
+            "rank": np.repeat(ranks, epochs),
+            "epoch": np.tile(np.arange(epochs), len(ranks)),
+            "loss": losses.T.reshape(-1),
+        }
+    )
+    frame["floor"] = frame["rank"].map(floors)
+    return frame
+
+
+def shared_init(max_rank: int, d_in: int, seed: int):
+    """The A every rank starts from (rank r takes its first r rows): 0.01 * N(0, 1), as the article."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(max_rank, d_in, generator=generator) * 0.01
+
+
+def _train_concatenated(fit, y, init_a, ranks: list[int], epochs: int, lr: float, device: str) -> np.ndarray:
+    """All ranks' A stacked into one (R = sum r, d_in) matrix and B into one (d_out, R) matrix;
+    block-diagonal masks keep the ranks independent, so this is exactly one Adam run per rank
+    (Adam is elementwise).
+
+    Gradients use the sufficient statistics S = X^T X, C = Y^T X of the MSE, so no (n, d_out)
+    prediction is formed:
+      dA_r = 2 (B_r^T B_r A_r S - B_r^T C) / (n d_out),  dB_r = 2 (B_r M_r - C A_r^T) / (n d_out),
+      M_r = A_r S A_r^T.
+    Losses are evaluated afterwards, in chunks of epochs, without cancellation: the least-squares
+    residual plus the excess ||B_r (A_r L) - W_ols L||^2 with S = L L^T (Cholesky), over n d_out.
+    Returns losses of shape (epochs, len(ranks)).
+    """
+    import torch
+
+    n, d_out = y.shape
+    d_in = fit.s.shape[0]
+    scale = 1.0 / (n * d_out)
+    total = sum(ranks)
+    stats = torch.cat([fit.s, fit.c]).to(device, torch.float32)  # (d_in + d_out, d_in): [S; C]
+    c = stats[d_in:]
+    owner = torch.cat([torch.full((r,), i, device=device) for i, r in enumerate(ranks)])  # (R,)
+    block = (owner[:, None] == owner[None, :]).to(torch.float32)  # (R, R)
+    # One flat buffer holds A (R, d_in) then B (d_out, R), so Adam is a handful of fused ops.
+    theta = torch.cat([torch.cat([init_a[:r] for r in ranks]).reshape(-1), torch.zeros(d_out * total)]).to(device)
+    a, b = theta[: total * d_in].view(total, d_in), theta[total * d_in :].view(d_out, total)
+    grad = torch.zeros_like(theta)
+    grad_a, grad_b = grad[: a.numel()].view_as(a), grad[a.numel() :].view_as(b)
+    c_and_b = torch.empty(d_out, d_in + total, device=device)  # [C | B], refreshed with B each epoch
+    c_and_b[:, :d_in] = c
+    adam = _Adam(theta, lr)
+    chunk = max(1, min(epochs, 2**24 // max(theta.numel(), 1)))
+    trajectory = torch.empty(chunk, theta.numel(), device=device)  # parameters before each step
+    losses = []
+    for step in range(epochs):
+        trajectory[step % chunk] = theta
+        s_c_a = stats @ a.T  # (d_in + d_out, R): [S A^T; C A^T]
+        a_s = s_c_a[:d_in].T  # (R, d_in) = A S, S symmetric
+        c_and_b[:, d_in:] = b
+        bt_c, bt_b = (b.T @ c_and_b).split([d_in, total], 1)  # (R, d_in), (R, R)
+        torch.addmm(bt_c, bt_b.mul_(block), a_s, beta=-2 * scale, alpha=2 * scale, out=grad_a)
+        torch.addmm(s_c_a[d_in:], b, (a_s @ a.T).mul_(block), beta=-2 * scale, alpha=2 * scale, out=grad_b)
+        adam.step(grad)
+        if step % chunk == chunk - 1 or step == epochs - 1:
+            losses.append(_chunk_losses(trajectory[: step % chunk + 1], fit, ranks, d_out, device))
+    return torch.cat(losses).numpy() * scale + fit.residual * scale
+
+
+def _chunk_losses(trajectory, fit, ranks: list[int], d_out: int, device: str):
+    """Excess losses ||B_r (A_r L) - G||^2 (G = W_ols L) for a chunk of saved parameter vectors.
+
+    Expanded as ||G||^2 - 2 <A_r L, B_r^T G> + <B_r^T B_r, (A_r L)(A_r L)^T> and evaluated in
+    float64 (the terms are ~||Y||^2 and cancel near the optimum), as two large matmuls for the
+    whole chunk. Returns (chunk, n_ranks) on the CPU.
+    """
+    import torch
+
+    d_in, total = fit.s.shape[0], sum(ranks)
+    steps = trajectory.shape[0]
+    target = fit.w_ols_chol.to(device)  # float64
+    # A L in float32 only perturbs the point the loss is evaluated at (a first-order effect);
+    # the cancelling sums below must be float64.
+    a_l = (trajectory[:, : total * d_in].reshape(steps * total, d_in) @ fit.chol.to(device, torch.float32)).double()
+    b = trajectory[:, total * d_in :].double().reshape(steps, d_out, total)
+    bt_g = (b.transpose(1, 2).reshape(steps * total, d_out) @ target).reshape(steps, total, d_in)
+    a_l = a_l.reshape(steps, total, d_in)
+    owner = torch.cat([torch.full((r,), i, device=device) for i, r in enumerate(ranks)])
+    one_hot = torch.nn.functional.one_hot(owner, len(ranks)).to(torch.float64)  # (R, n_ranks)
+    block = one_hot @ one_hot.T  # (R, R)
+    cross = (a_l * bt_g).sum(2) @ one_hot  # (steps, n_ranks)
+    gram = ((b.transpose(1, 2) @ b) * (a_l @ a_l.transpose(1, 2)) * block).sum(2) @ one_hot
+    return (float((target * target).sum()) - 2 * cross + gram).cpu()
+
+
+class _Adam:
+    """torch.optim.Adam (Kingma & Ba 2015, bias-corrected, no weight decay) on one flat tensor,
+    through the same fused kernel `torch.optim.Adam(fused=True)` dispatches to, without the
+    per-step Python of the optimizer class; an elementwise fallback elsewhere."""
+
+    def __init__(self, param, lr: float) -> None:
+        import torch
+
+        self.torch, self.param, self.lr = torch, param, lr
+        self.moment, self.velocity = torch.zeros_like(param), torch.zeros_like(param)
+        self.steps = torch.zeros((), dtype=torch.float32, device=param.device)
+        self.fused = hasattr(torch, "_fused_adam_") and param.device.type in ("cpu", "cuda")
+
+    def step(self, grad) -> None:
+        beta1, beta2 = ADAM_BETAS
+        self.steps += 1
+        if self.fused:
+            self.torch._fused_adam_(
+                [self.param], [grad], [self.moment], [self.velocity], [], [self.steps],
+                amsgrad=False, lr=self.lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=ADAM_EPS, maximize=False,
+            )  # fmt: skip
+            return
+        t = float(self.steps)
+        self.moment.lerp_(grad, 1 - beta1)
+        self.velocity.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = self.velocity.sqrt().div_(math.sqrt(1 - beta2**t)).add_(ADAM_EPS)
+        self.param.addcdiv_(self.moment, denom, value=-self.lr / (1 - beta1**t))
+
+
+@dataclass(frozen=True)
+class _LeastSquaresFit:
+    s: Any  # X^T X, float64 (d_in, d_in)
+    c: Any  # Y^T X, float64 (d_out, d_in)
+    chol: Any  # L with S = L L^T
+    w_ols_chol: Any  # W_ols L, (d_out, d_in)
+    residual: float  # ||Y - X W_ols^T||^2
+    fitted_singular: Any  # singular values of X W_ols^T, descending
+
+
+def _least_squares(x, y) -> _LeastSquaresFit:
+    """The least-squares fit of Y ~ X W^T in float64 on the CPU, by Cholesky normal equations
+    (a tiny ridge keeps S positive definite when samples < d_in)."""
+    import torch
+
+    x64, y64 = x.double().cpu(), y.double().cpu()
+    s = x64.T @ x64
+    c = y64.T @ x64
+    jitter = 1e-10 * float(s.diagonal().mean())
+    chol = torch.linalg.cholesky(s + jitter * torch.eye(s.shape[0], dtype=s.dtype))
+    w_ols = torch.cholesky_solve(c.T, chol).T  # (d_out, d_in): W_ols = C S^-1
+    residual = float(((y64 - x64 @ w_ols.T) ** 2).sum())
+    # singular values of the fitted Y_hat = X W_ols^T from its (d_out, d_out) Gram W_ols S W_ols^T
+    gram = w_ols @ c.T
+    singular = torch.linalg.eigvalsh((gram + gram.T) / 2).clamp_min(0).flip(0).sqrt()
+    return _LeastSquaresFit(s, c, chol, w_ols @ chol, residual, singular)
+
+
+def article_rank_loop(
+    d_in: int = 256,
+    d_out: int = 256,
+    true_rank: int = 8,
+    ranks: Sequence[int] = (2, 4, 8, 16, 32),
+    num_samples: int = 500,
+    epochs: int = 100,
+    lr: float = 0.01,
+    noise: float = 0.1,
+    seed: int = 42,
+) -> pd.DataFrame:
+    """The article's In[4] loop (nn.Parameter, torch.optim.Adam, one rank after another), corrected
+    to share the target, data and initialisation: the reference `bench_simulate.py` times."""
+    import torch
+
+    _target, x, y = make_rank_task(d_in, d_out, true_rank, num_samples, noise, seed)
+    init_a = shared_init(max(ranks), d_in, seed)
+    rows = []
+    for r in sorted(ranks):
+        a = torch.nn.Parameter(init_a[:r].clone())
+        b = torch.nn.Parameter(torch.zeros(d_out, r))
+        optimizer = torch.optim.Adam([a, b], lr=lr)
+        for epoch in range(epochs):
+            optimizer.zero_grad()
+            loss = ((x @ (b @ a).T - y) ** 2).mean()
+            loss.backward()
+            optimizer.step()
+            rows.append((r, epoch, loss.item()))
+    return pd.DataFrame(rows, columns=["rank", "epoch", "loss"])
+
+
+def reconstruction_error(
+    d: int = 256, true_rank: int = 8, max_rank: int = 32, seed: int = 42, d_out: int | None = None
+) -> pd.DataFrame:
+    """Relative Frobenius error of the best rank-r approximation of a rank-`true_rank` target
+    (article Out[6]), by SVD (Eckart-Young): `sqrt(sum_{i>r} s_i^2) / ||T||_F`. One row per r in
+    1..max_rank with `rank`, `error`, `singular_value` (s_r)."""
+    import torch
+
+    _check_positive(d=d, true_rank=true_rank, max_rank=max_rank)
+    target, _, _ = make_rank_task(d, d_out or d, true_rank, 1, 0.0, seed)
+    singular = torch.linalg.svdvals(target.double())
+    energy = singular**2
+    tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # tail[r] = sum_{i>=r} s_i^2
+    ranks = np.arange(1, max_rank + 1)
+    total = float(energy.sum())
+    errors = [math.sqrt(float(tail[r]) / total) if r < len(tail) else 0.0 for r in ranks]
+    values = [float(singular[r - 1]) if r <= len(singular) else 0.0 for r in ranks]
+    return pd.DataFrame({"rank": ranks, "error": errors, "singular_value": values})
+
+
+def alpha_output_stats(
+    d_in: int = 512,
+    d_out: int = 512,
+    rank: int = 16,
+    alphas: Sequence[float] = (4, 8, 16, 32, 64),
+    num_samples: int = 1000,
+    use_rslora: bool = False,
+    seed: int = 42,
+    device: str | None = None,
+) -> pd.DataFrame:
+    """Article In[7]/Out[8]: output spread of a frozen W (N(0, 1/d_in)) and a LoRA branch
+    (A, B ~ 0.1 N(0, 1)) scaled by alpha/r (or alpha/sqrt(r)). One row per alpha: `alpha`, `scale`,
+    `original_std`, `lora_std`, `combined_std`, `lora_ratio`; all alphas in one batched pass."""
+    import torch
+
+    _check_positive(d_in=d_in, d_out=d_out, rank=rank, num_samples=num_samples)
+    device = pick_device(device)
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_out, d_in, generator=generator) / math.sqrt(d_in)
+    a = torch.randn(rank, d_in, generator=generator) * 0.1
+    b = torch.randn(d_out, rank, generator=generator) * 0.1
+    x = torch.randn(num_samples, d_in, generator=generator)
+    w, a, b, x = (t.to(device) for t in (w, a, b, x))
+    alphas_t = torch.tensor([float(al) for al in alphas], device=device)
+    scales = alphas_t / (math.sqrt(rank) if use_rslora else rank)  # (n_alpha,)
+    original = x @ w.T  # (n, d_out)
+    branch = (x @ a.T) @ b.T  # (n, d_out)
+    lora = scales[:, None, None] * branch  # (n_alpha, n, d_out)
+    combined = original + lora
+    lora_std = lora.flatten(1).std(1)
+    return pd.DataFrame(
+        {
+            "alpha": [float(al) for al in alphas],
+            "scale": scales.cpu().numpy(),
+            "original_std": float(original.std()),
+            "lora_std": lora_std.cpu().numpy(),
+            "combined_std": combined.flatten(1).std(1).cpu().numpy(),
+            "lora_ratio": (lora_std / original.std()).cpu().numpy(),
+        }
+    )
+
+
+def scale_grid(alphas: Sequence[float], ranks: Sequence[int], use_rslora: bool = False) -> pd.DataFrame:
+    """Effective scale alpha/r (or alpha/sqrt(r) with rsLoRA) over alpha x rank (article Out[9])."""
+    rows = [
+        {"alpha": float(al), "rank": int(r), "scale": al / (math.sqrt(r) if use_rslora else r)}
+        for al in alphas
+        for r in ranks
+    ]
+    return pd.DataFrame(rows)
+
+
+def simulate_dropout(
+    d_in: int = 256,
+    d_out: int = 256,
+    rank: int = 16,
+    dropout_rates: Sequence[float] = (0.0, 0.05, 0.1, 0.2),
+    num_forward: int = 1000,
+    seed: int = 42,
+    device: str | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Article In[18]-Out[20]: the LoRA branch `B @ Dropout(A x)` over `num_forward` passes for each
+    rate, vectorised (one mask tensor per rate, no loop over passes).
+
+    Returns (stats, samples): `stats` one row per rate with `dropout`, `std` (per-output std over
+    passes, averaged), `min`, `max`, `expected_active_rank` r(1-p); `samples` the outputs in long
+    form (`dropout`, `value`) for histograms.
+    """
+    import torch
+
+    _check_positive(d_in=d_in, d_out=d_out, rank=rank, num_forward=num_forward)
+    if any(not 0 <= p < 1 for p in dropout_rates):
+        raise ValueError(f"dropout rates must be in [0, 1), got {list(dropout_rates)}")
+    device = pick_device(device)
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(rank, d_in, generator=generator) * 0.1
+    b = torch.randn(d_out, rank, generator=generator) * 0.1
+    x = torch.randn(1, d_in, generator=generator)
+    ax = (x @ a.T).to(device)  # (1, rank)
+    b = b.to(device)
+    rates = torch.tensor([float(p) for p in dropout_rates], device=device)  # (P,)
+    uniform = torch.rand(len(dropout_rates), num_forward, rank, generator=generator).to(device)
+    keep = (uniform >= rates[:, None, None]).to(ax.dtype) / (1 - rates[:, None, None])  # inverted dropout
+    outputs = (keep * ax) @ b.T  # (P, passes, d_out)
+    stats = pd.DataFrame(
+        {
+            "dropout": [float(p) for p in dropout_rates],
+            "std": outputs.std(1).mean(1).cpu().numpy(),
+            "min": outputs.amin((1, 2)).cpu().numpy(),
+            "max": outputs.amax((1, 2)).cpu().numpy(),
+            "expected_active_rank": [rank * (1 - float(p)) for p in dropout_rates],
+        }
+    )
+    values = outputs.reshape(len(dropout_rates), -1).cpu().numpy()
+    samples = pd.DataFrame(
+        {"dropout": np.repeat([float(p) for p in dropout_rates], values.shape[1]), "value": values.reshape(-1)}
+    )
+    return stats, samples
+
+
+def _check_positive(**values: int) -> None:
+    bad = [f"`{name}` must be a positive integer, got {value!r}" for name, value in values.items() if int(value) < 1]
+    if bad:
+        raise ValueError("; ".join(bad))
