@@ -10,10 +10,15 @@ import streamlit as st
 
 from pages.common import init_state, render_sidebar
 
-st.set_page_config(page_title="LoRA Explorer", page_icon="🎛️", layout="wide")
+st.set_page_config(page_title="LoRA Explorer", page_icon=":material/tune:", layout="wide")
 
 PAGES = [
-    st.Page("pages/overview.py", title="Overview", icon="🏠", default=True),
+    st.Page("pages/overview.py", title="Overview", icon=":material/home:", default=True),
+    st.Page("pages/rank.py", title="Rank", icon=":material/show_chart:"),
+    st.Page("pages/alpha.py", title="Alpha", icon=":material/tune:"),
+    st.Page("pages/targets.py", title="Target modules", icon=":material/target:"),
+    st.Page("pages/dropout.py", title="Dropout", icon=":material/casino:"),
+    st.Page("pages/search.py", title="Search spaces", icon=":material/explore:"),
 ]
 
 init_state()

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lora_core.models import Inventory, ModelSpec, inventory, meta_model, resolve_model
+from lora_core.models import Inventory, ModelSpec, as_inventory, inventory, meta_model
 from lora_core.settings import ALL_LINEAR, LoraSettings, LoraSettingsError
 
 SUPPORTED_KINDS = ("linear", "conv1d", "embedding", "conv")
@@ -122,7 +122,7 @@ def count_lora_params(model: str | ModelSpec | Inventory, settings: LoraSettings
     where it is certainly a mistake (a target matching nothing, a pattern key matching no target),
     and `ModelResolutionError` for a model that cannot be resolved.
     """
-    inv = model if isinstance(model, Inventory) else inventory(resolve_model(model))
+    inv = as_inventory(model)
     problems = settings.problems()
     if problems:
         raise LoraSettingsError(problems)
@@ -432,7 +432,7 @@ def adaptable_leaf_names(inv: Inventory) -> list[str]:
 def matched_module_names(model: str | ModelSpec | Inventory, settings: LoraSettings) -> tuple[list[str], list[str]]:
     """(adapted, left out): the full names PEFT adapts under `settings`, and the adaptable ones it
     leaves alone (e.g. the output head under `"all-linear"`)."""
-    inv = model if isinstance(model, Inventory) else inventory(resolve_model(model))
+    inv = as_inventory(model)
     plan = _plan(inv, _plan_key(settings, inv))
     adapted = plan.arrays["name"].tolist()
     chosen = set(adapted)
@@ -456,7 +456,7 @@ def rank_curve(model: str | ModelSpec | Inventory, settings: LoraSettings, ranks
     module grows by r * (in + out)), so two exact counts give every rank exactly. Returns columns
     `rank`, `trainable_params`, `percent`.
     """
-    inv = model if isinstance(model, Inventory) else inventory(resolve_model(model))
+    inv = as_inventory(model)
     one = count_lora_params(inv, settings.replace(r=1))
     two = count_lora_params(inv, settings.replace(r=2))
     ranks = np.asarray(list(ranks), dtype=np.int64)

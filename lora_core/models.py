@@ -266,6 +266,11 @@ def inventory(spec: ModelSpec) -> Inventory:
     return _take_inventory(spec, meta_model(spec))
 
 
+def as_inventory(model: str | ModelSpec | Inventory) -> Inventory:
+    """The inventory of a catalogue id, path, Hub id, `ModelSpec`, or an `Inventory` as is."""
+    return model if isinstance(model, Inventory) else inventory(resolve_model(model))
+
+
 def inventory_of(spec: ModelSpec, model) -> Inventory:
     """The inventory of an `nn.Module` you already have (any module, not only transformers');
     `spec` names it for caching and messages."""

@@ -222,9 +222,9 @@ def compare_strategies(
     """One row per strategy on `model`: targets, trainable parameters, percent, adapter size on
     disk (fp32 and fp16/bf16, MB), per-role parameters, and a note or the reason it cannot map."""
     from lora_core.counting import count_lora_params
-    from lora_core.models import inventory, resolve_model
+    from lora_core.models import as_inventory
 
-    inv = inventory(resolve_model(model))
+    inv = as_inventory(model)
     base = (base or LoraSettings()).replace(r=r, lora_alpha=r if lora_alpha is None else lora_alpha)
     rows = []
     for strategy in STRATEGIES:
@@ -262,9 +262,9 @@ def count_search_space(model, priority: str = "balanced") -> pd.DataFrame:
     """The article's search space counted on `model`: one row per configuration with r, alpha,
     targets (mapped to the model's names), dropout, trainable parameters and percent."""
     from lora_core.counting import count_lora_params
-    from lora_core.models import inventory, resolve_model
+    from lora_core.models import as_inventory
 
-    inv = inventory(resolve_model(model))
+    inv = as_inventory(model)
     rows = []
     for index, settings in enumerate(search_space(priority)):
         adapted, note = adapt_to_model(settings, inv)

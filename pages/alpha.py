@@ -42,10 +42,10 @@ heatmap = go.Figure(
         x=[str(r) for r in grid.columns],
         y=[str(int(a)) for a in grid.index],
         colorscale="Viridis",
-        zmid=None,
         text=[[f"{v:.3g}" for v in row] for row in grid.to_numpy()],
         texttemplate="%{text}",
         colorbar={"title": "scale"},
+        zmin=0,
         zmax=8,
     )
 )
@@ -59,7 +59,9 @@ if settings.r in RANKS and settings.lora_alpha in ALPHAS:
             name="current config",
         )
     )
-heatmap.update_layout(xaxis_title="rank r", yaxis_title="alpha", height=460)
+heatmap.update_layout(
+    xaxis_title="rank r", yaxis_title="alpha", height=460, xaxis_type="category", yaxis_type="category"
+)
 st.plotly_chart(heatmap, key="lx_alpha_heatmap")
 st.caption("Colour capped at 8. The diagonal alpha = r is scale 1 (without rsLoRA).")
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import current, human, role_breakdown, show_count
+import lora_core
+from lora_core.strategies import SCENARIOS, adapt_to_model, describe_targets
+from pages.common import apply_settings, current, human, role_breakdown, show_count, simulation_device
 
 state = current()
 st.title("LoRA Explorer")
@@ -38,3 +40,22 @@ adaptable = table[table["kind"] != "other"][
     ["name", "kind", "class_name", "layer", "role", "in_features", "out_features"]
 ]
 st.dataframe(adaptable, hide_index=True, key="lx_overview_inventory")
+
+st.subheader("Scenario recipes (article In[21])")
+st.write("Starting points from practitioner experience, counted on this model; **Apply** sets the sidebar.")
+for name, scenario in SCENARIOS.items():
+    recipe, note = adapt_to_model(scenario["settings"], state.inventory)
+    cols = st.columns([3, 2, 2, 1])
+    cols[0].markdown(f"**{name.replace('_', ' ')}**  \n{scenario['description']}")
+    cols[1].markdown(
+        f"r={recipe.r}, alpha={recipe.lora_alpha}, dropout={recipe.lora_dropout}  \n`{describe_targets(recipe.target_modules)}`"
+    )
+    try:
+        counted = lora_core.count_lora_params(state.inventory, recipe)
+        cols[2].metric("trainable", f"{counted.trainable_params:,}", help=note or None)
+    except ValueError as error:
+        cols[2].error(str(error))
+    if cols[3].button("Apply", key=f"lx_apply_{name}"):
+        apply_settings(recipe, state.inventory)
+
+st.caption(f"Simulations on the Rank, Alpha and Dropout pages run on: **{simulation_device()}**.")

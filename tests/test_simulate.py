@@ -1,0 +1,135 @@
+"""Simulations pinned to closed-form results (Eckart-Young, reduced-rank regression) and to the
+article's own loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lora_core.simulate import (
+    alpha_output_stats,
+    article_rank_loop,
+    make_rank_task,
+    pick_device,
+    rank_floors,
+    reconstruction_error,
+    scale_grid,
+    simulate_dropout,
+    simulate_rank_sweep,
+)
+
+SMALL = {"d_in": 32, "d_out": 24, "true_rank": 4, "num_samples": 200, "noise": 0.1, "seed": 3}
+
+
+def test_batched_sweep_equals_the_articles_loop_with_a_shared_target() -> None:
+    ranks = (1, 2, 4, 8)
+    ours = simulate_rank_sweep(ranks=ranks, epochs=60, lr=0.01, **SMALL)
+    article = article_rank_loop(ranks=ranks, epochs=60, lr=0.01, **SMALL)
+    merged = article.merge(ours, on=["rank", "epoch"])
+    relative = (merged["loss_x"] - merged["loss_y"]).abs() / merged["loss_x"]
+    assert len(merged) == 4 * 60
+    assert relative.max() < 1e-4
+
+
+def test_losses_never_go_below_their_closed_form_floor() -> None:
+    sweep = simulate_rank_sweep(ranks=(1, 2, 4, 8), epochs=300, lr=0.05, **SMALL)
+    assert (sweep["loss"] >= sweep["floor"] * (1 - 1e-5)).all()
+
+
+def test_low_ranks_stop_at_their_floor_and_high_ranks_reach_the_noise_floor() -> None:
+    sweep = simulate_rank_sweep(ranks=(1, 2, 4, 8), epochs=1500, lr=0.05, **SMALL)
+    final = sweep.groupby("rank").agg(loss=("loss", "last"), floor=("floor", "first"))
+    noise_floor = final.loc[8, "floor"]
+    for rank in (1, 2):  # below the true rank 4: capacity-bound, far above the noise
+        assert final.loc[rank, "loss"] == pytest.approx(final.loc[rank, "floor"], rel=0.01)
+        assert final.loc[rank, "floor"] > 10 * noise_floor
+    for rank in (4, 8):  # at or above it: down to (about) the noise variance
+        assert final.loc[rank, "loss"] < 1.2 * 0.1**2
+        assert final.loc[rank, "floor"] < 0.1**2
+
+
+def test_floors_equal_a_brute_force_truncated_svd_of_the_least_squares_fit() -> None:
+    _, x, y = make_rank_task(**{k: v for k, v in SMALL.items() if k != "seed"}, seed=SMALL["seed"])
+    x64, y64 = x.double(), y.double()
+    w = torch.linalg.pinv(x64) @ y64
+    fitted = x64 @ w
+    u, s, vh = torch.linalg.svd(fitted, full_matrices=False)
+    for rank, floor in rank_floors(x, y, (1, 3, 6)).items():
+        truncated = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+        assert floor == pytest.approx(float(((truncated - y64) ** 2).mean()), rel=1e-9)
+
+
+def test_sweep_is_deterministic_and_has_the_documented_columns() -> None:
+    first = simulate_rank_sweep(ranks=(2, 4), epochs=5, **SMALL)
+    second = simulate_rank_sweep(ranks=(2, 4), epochs=5, **SMALL)
+    assert list(first.columns) == ["rank", "epoch", "loss", "floor"]
+    assert first.equals(second)
+
+
+def test_default_signature_matches_the_article_experiment() -> None:
+    sweep = simulate_rank_sweep(epochs=2)
+    assert sorted(sweep["rank"].unique()) == [2, 4, 8, 16, 32]
+
+
+@pytest.mark.parametrize("bad", [{"ranks": ()}, {"ranks": (0, 2)}, {"epochs": 0}, {"lr": 0}, {"d_in": 0}])
+def test_bad_simulation_input_raises(bad) -> None:
+    with pytest.raises(ValueError):
+        simulate_rank_sweep(**{**SMALL, "epochs": 2, **bad})
+
+
+def test_reconstruction_error_vanishes_from_the_true_rank_on() -> None:
+    errors = reconstruction_error(d=64, true_rank=6, max_rank=12).set_index("rank")["error"]
+    assert (errors.loc[6:] < 1e-6).all()
+    assert (errors.loc[:5] > 0.05).all()
+    assert errors.is_monotonic_decreasing
+
+
+def test_lora_to_original_ratio_is_linear_in_the_scale() -> None:
+    stats = alpha_output_stats(d_in=128, d_out=128, rank=8, alphas=(2, 4, 8, 16, 32))
+    ratio_per_scale = stats["lora_ratio"] / stats["scale"]
+    assert np.allclose(ratio_per_scale, ratio_per_scale.iloc[0], rtol=1e-5)
+
+
+def test_alpha_stats_reproduce_the_articles_table() -> None:
+    # Article Out[8]: rank 16, d=512, alphas 4..64 -> ratios 0.2290, 0.4579, 0.9158, 1.8317, 3.6633
+    stats = alpha_output_stats()
+    assert stats["lora_ratio"].to_numpy() == pytest.approx([0.2290, 0.4579, 0.9158, 1.8317, 3.6633], abs=5e-5)
+
+
+def test_rslora_scale_grid() -> None:
+    grid = scale_grid([16], [4, 16, 64], use_rslora=True).set_index("rank")["scale"]
+    assert grid.tolist() == [8.0, 4.0, 2.0]
+
+
+def test_dropout_spread_is_zero_without_dropout_and_grows_with_it() -> None:
+    stats, samples = simulate_dropout(rank=16, dropout_rates=(0.0, 0.05, 0.1, 0.2, 0.4), num_forward=2000)
+    assert stats.loc[0, "std"] == 0.0
+    assert stats["std"].is_monotonic_increasing and stats["std"].iloc[-1] > 0
+    assert stats["expected_active_rank"].tolist() == pytest.approx([16, 15.2, 14.4, 12.8, 9.6])
+    assert len(samples) == 5 * 2000 * 256
+    # inverted dropout keeps the mean: the average output matches the no-dropout output
+    means = samples.groupby("dropout")["value"].mean()
+    assert means.loc[0.2] == pytest.approx(means.loc[0.0], abs=0.02)
+
+
+def test_dropout_matches_the_articles_range_at_p0() -> None:
+    stats, _ = simulate_dropout()
+    assert round(stats.loc[0, "min"], 3) == -1.711 and round(stats.loc[0, "max"], 3) == 2.417  # article Out[19]
+
+
+def test_device_choice() -> None:
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert pick_device() == expected
+    assert pick_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            pick_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_sweep_matches_cpu() -> None:
+    cpu = simulate_rank_sweep(epochs=50, device="cpu", **SMALL)
+    gpu = simulate_rank_sweep(epochs=50, device="cuda", **SMALL)
+    assert np.allclose(cpu["loss"], gpu["loss"], rtol=1e-3)
