@@ -137,12 +137,11 @@ def _train_concatenated(fit, y, init_a, ranks: list[int], epochs: int, lr: float
     block-diagonal masks keep the ranks independent, so this is exactly one Adam run per rank
     (Adam is elementwise).
 
-    Gradients use the sufficient statistics S = X^T X, C = Y^T X of the MSE, so no (n, d_out)
-    prediction is formed:
-      dA_r = 2 (B_r^T B_r A_r S - B_r^T C) / (n d_out),  dB_r = 2 (B_r M_r - C A_r^T) / (n d_out),
-      M_r = A_r S A_r^T.
-    Losses are evaluated afterwards, in chunks of epochs, without cancellation: the least-squares
-    residual plus the excess ||B_r (A_r L) - W_ols L||^2 with S = L L^T (Cholesky), over n d_out.
+    Everything uses the sufficient statistics S = X^T X, C = Y^T X of the MSE, so no (n, d_out)
+    prediction is ever formed (M_r = A_r S A_r^T):
+      loss_r = (tr(B_r M_r B_r^T) - 2 tr(B_r A_r C^T) + ||Y||^2) / (n d_out)
+      dA_r = 2 (B_r^T B_r A_r S - B_r^T C) / (n d_out),  dB_r = 2 (B_r M_r - C A_r^T) / (n d_out)
+    The loss terms are ~||Y||^2 and cancel near the optimum, so they are formed in float64.
     Returns losses of shape (epochs, len(ranks)).
     """
     import torch
@@ -151,59 +150,37 @@ def _train_concatenated(fit, y, init_a, ranks: list[int], epochs: int, lr: float
     d_in = fit.s.shape[0]
     scale = 1.0 / (n * d_out)
     total = sum(ranks)
-    stats = torch.cat([fit.s, fit.c]).to(device, torch.float32)  # (d_in + d_out, d_in): [S; C]
-    c = stats[d_in:]
+    f64, f32 = torch.float64, torch.float32
+    stats = torch.cat([fit.s, fit.c]).to(device, f64)  # (d_in + d_out, d_in): [S; C]
+    c_and_b = torch.empty(d_out, d_in + total, device=device, dtype=f32)  # [C | B] for B^T [C | B]
+    c_and_b[:, :d_in] = stats[d_in:]
     owner = torch.cat([torch.full((r,), i, device=device) for i, r in enumerate(ranks)])  # (R,)
-    block = (owner[:, None] == owner[None, :]).to(torch.float32)  # (R, R)
-    # One flat buffer holds A (R, d_in) then B (d_out, R), so Adam is a handful of fused ops.
+    one_hot = torch.nn.functional.one_hot(owner, len(ranks)).to(f64)  # (R, n_ranks)
+    block = one_hot @ one_hot.T  # (R, R) block-diagonal mask
+    block32 = block.to(f32)
+    # Parameters stay float32 as in the article; one flat buffer holds A (R, d_in) then B (d_out, R)
+    # so Adam is one fused op.
     theta = torch.cat([torch.cat([init_a[:r] for r in ranks]).reshape(-1), torch.zeros(d_out * total)]).to(device)
     a, b = theta[: total * d_in].view(total, d_in), theta[total * d_in :].view(d_out, total)
     grad = torch.zeros_like(theta)
     grad_a, grad_b = grad[: a.numel()].view_as(a), grad[a.numel() :].view_as(b)
-    c_and_b = torch.empty(d_out, d_in + total, device=device)  # [C | B], refreshed with B each epoch
-    c_and_b[:, :d_in] = c
     adam = _Adam(theta, lr)
-    chunk = max(1, min(epochs, 2**24 // max(theta.numel(), 1)))
-    trajectory = torch.empty(chunk, theta.numel(), device=device)  # parameters before each step
-    losses = []
+    traces = torch.empty(epochs, 2, total, device=device, dtype=f64)  # per column: B M B^T, B A C^T
     for step in range(epochs):
-        trajectory[step % chunk] = theta
-        s_c_a = stats @ a.T  # (d_in + d_out, R): [S A^T; C A^T]
-        a_s = s_c_a[:d_in].T  # (R, d_in) = A S, S symmetric
+        # float64 where the loss terms (~||Y||^2, cancelling near the optimum) are formed
+        a64, b64 = a.to(f64), b.to(f64)
+        s_c_a = stats @ a64.T  # (d_in + d_out, R): [S A^T; C A^T]
+        a_s, c_a = s_c_a[:d_in].T, s_c_a[d_in:]  # (R, d_in) = A S as S is symmetric; (d_out, R)
+        b_m = b64 @ (a_s @ a64.T).mul_(block)  # (d_out, R): B M
+        torch.sum(b_m * b64, 0, out=traces[step, 0])
+        torch.sum(c_a * b64, 0, out=traces[step, 1])
         c_and_b[:, d_in:] = b
         bt_c, bt_b = (b.T @ c_and_b).split([d_in, total], 1)  # (R, d_in), (R, R)
-        torch.addmm(bt_c, bt_b.mul_(block), a_s, beta=-2 * scale, alpha=2 * scale, out=grad_a)
-        torch.addmm(s_c_a[d_in:], b, (a_s @ a.T).mul_(block), beta=-2 * scale, alpha=2 * scale, out=grad_b)
+        torch.addmm(bt_c, bt_b.mul_(block32), a_s.to(f32), beta=-2 * scale, alpha=2 * scale, out=grad_a)
+        grad_b.copy_(b_m.sub_(c_a)).mul_(2 * scale)
         adam.step(grad)
-        if step % chunk == chunk - 1 or step == epochs - 1:
-            losses.append(_chunk_losses(trajectory[: step % chunk + 1], fit, ranks, d_out, device))
-    return torch.cat(losses).numpy() * scale + fit.residual * scale
-
-
-def _chunk_losses(trajectory, fit, ranks: list[int], d_out: int, device: str):
-    """Excess losses ||B_r (A_r L) - G||^2 (G = W_ols L) for a chunk of saved parameter vectors.
-
-    Expanded as ||G||^2 - 2 <A_r L, B_r^T G> + <B_r^T B_r, (A_r L)(A_r L)^T> and evaluated in
-    float64 (the terms are ~||Y||^2 and cancel near the optimum), as two large matmuls for the
-    whole chunk. Returns (chunk, n_ranks) on the CPU.
-    """
-    import torch
-
-    d_in, total = fit.s.shape[0], sum(ranks)
-    steps = trajectory.shape[0]
-    target = fit.w_ols_chol.to(device)  # float64
-    # A L in float32 only perturbs the point the loss is evaluated at (a first-order effect);
-    # the cancelling sums below must be float64.
-    a_l = (trajectory[:, : total * d_in].reshape(steps * total, d_in) @ fit.chol.to(device, torch.float32)).double()
-    b = trajectory[:, total * d_in :].double().reshape(steps, d_out, total)
-    bt_g = (b.transpose(1, 2).reshape(steps * total, d_out) @ target).reshape(steps, total, d_in)
-    a_l = a_l.reshape(steps, total, d_in)
-    owner = torch.cat([torch.full((r,), i, device=device) for i, r in enumerate(ranks)])
-    one_hot = torch.nn.functional.one_hot(owner, len(ranks)).to(torch.float64)  # (R, n_ranks)
-    block = one_hot @ one_hot.T  # (R, R)
-    cross = (a_l * bt_g).sum(2) @ one_hot  # (steps, n_ranks)
-    gram = ((b.transpose(1, 2) @ b) * (a_l @ a_l.transpose(1, 2)) * block).sum(2) @ one_hot
-    return (float((target * target).sum()) - 2 * cross + gram).cpu()
+    losses = (traces[:, 0] - 2 * traces[:, 1]) @ one_hot + fit.yy  # (epochs, n_ranks)
+    return (losses * scale).cpu().numpy()
 
 
 class _Adam:
@@ -242,6 +219,7 @@ class _LeastSquaresFit:
     chol: Any  # L with S = L L^T
     w_ols_chol: Any  # W_ols L, (d_out, d_in)
     residual: float  # ||Y - X W_ols^T||^2
+    yy: float  # ||Y||^2
     fitted_singular: Any  # singular values of X W_ols^T, descending
 
 
@@ -251,16 +229,19 @@ def _least_squares(x, y) -> _LeastSquaresFit:
     import torch
 
     x64, y64 = x.double().cpu(), y.double().cpu()
-    s = x64.T @ x64
-    c = y64.T @ x64
+    d_in = x64.shape[1]
+    s_c = torch.cat([x64, y64], 1).T @ x64  # (d_in + d_out, d_in): [S; C] in one product
+    s, c = s_c[:d_in], s_c[d_in:]
     jitter = 1e-10 * float(s.diagonal().mean())
-    chol = torch.linalg.cholesky(s + jitter * torch.eye(s.shape[0], dtype=s.dtype))
+    chol = torch.linalg.cholesky(s + jitter * torch.eye(d_in, dtype=s.dtype))
     w_ols = torch.cholesky_solve(c.T, chol).T  # (d_out, d_in): W_ols = C S^-1
-    residual = float(((y64 - x64 @ w_ols.T) ** 2).sum())
-    # singular values of the fitted Y_hat = X W_ols^T from its (d_out, d_out) Gram W_ols S W_ols^T
+    yy = float((y64 * y64).sum())
+    # the fitted Y_hat = X W_ols^T has Gram W_ols S W_ols^T = W_ols C^T: its eigenvalues are the
+    # squared singular values of Y_hat
     gram = w_ols @ c.T
-    singular = torch.linalg.eigvalsh((gram + gram.T) / 2).clamp_min(0).flip(0).sqrt()
-    return _LeastSquaresFit(s, c, chol, w_ols @ chol, residual, singular)
+    eig = torch.linalg.eigvalsh((gram + gram.T) / 2).clamp_min(0).flip(0)
+    residual = float(((y64 - x64 @ w_ols.T) ** 2).sum())
+    return _LeastSquaresFit(s, c, chol, w_ols @ chol, residual, yy, eig.sqrt())
 
 
 def article_rank_loop(
