@@ -64,6 +64,26 @@ def _build_parser() -> argparse.ArgumentParser:
     strategies.add_argument("--json", action="store_true")
     strategies.set_defaults(handler=_cmd_strategies)
 
+    train = commands.add_parser("train", help="a short LoRA fine-tuning run, written to the run store")
+    train.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), a Hub id or a folder")
+    train.add_argument(
+        "--dataset", default="json_extraction", help="built-in task, upload:PATH (JSONL/CSV) or hub:REPO"
+    )
+    train.add_argument("--steps", type=int, default=60)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--seq-len", type=int, default=128)
+    train.add_argument("--eval-every", type=int, default=10)
+    train.add_argument("--lora", help="adapter_config.json with the LoRA settings")
+    train.add_argument(
+        "--out", help="data directory of the run store (default: $LORA_EXPLORER_DATA or the user data dir)"
+    )
+    train.add_argument("--name", help="run name")
+    train.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    _add_settings_flags(train)
+    train.add_argument("--json", action="store_true", help="end with one JSON object instead of a summary")
+    train.set_defaults(handler=_cmd_train)
+
     search = commands.add_parser("search", help="the article's search spaces counted on a model")
     search.add_argument("--model", required=True)
     search.add_argument("--space", choices=("efficiency", "balanced", "thorough"), default="balanced")
@@ -209,6 +229,75 @@ def _count_table(result, label: str | None, all_modules: bool) -> str:
         )
     lines += ["", table.to_string(index=False)]
     return "\n".join(lines) + "\n"
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import threading
+
+    from lora_core.settings import LoraSettings
+    from lora_core.store import Store
+    from lora_core.training import TrainConfig, run_training
+
+    base = (
+        _load_lora_file(args.lora)
+        if args.lora
+        else LoraSettings(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"))
+    )
+    settings = settings_from_args(args, base)
+    config = TrainConfig(
+        model=args.model,
+        dataset=args.dataset,
+        steps=args.steps,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        eval_every=args.eval_every,
+        device=args.device,
+    )
+    problems = config.problems() + settings.problems()
+    if problems:
+        raise _BadInput("; ".join(problems))
+    store = Store.open(args.out)
+    run_id = store.create_run(
+        args.name or f"cli r={settings.r}", config.model, config.dataset, settings.to_peft_dict(), vars(config)
+    )
+    stop = threading.Event()
+    progress = threading.Thread(target=_print_progress, args=(store, run_id, config.steps, stop), daemon=True)
+    if not args.json:
+        progress.start()
+    try:
+        result = run_training(store, run_id, config, settings)
+    finally:
+        stop.set()
+    run = store.run(run_id)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "store": str(store.path), "adapter_dir": run.get("adapter_dir")}))
+    else:
+        progress.join(timeout=2)
+        print(f"\nrun {run_id}: {result.status}" + (f" ({result.error})" if result.error else ""))
+        if result.eval_losses:
+            print(
+                f"eval loss {result.eval_losses[0][1]:.4f} -> {result.eval_losses[-1][1]:.4f}; {result.tokens_per_s:,.0f} tokens/s"
+            )
+        if run.get("adapter_dir"):
+            print(f"adapter: {run['adapter_dir']}")
+    return 0 if result.status in ("completed", "cancelled") else 1
+
+
+def _print_progress(store, run_id: int, steps: int, stop) -> None:
+    """A one-line progress bar on stderr while the run trains."""
+    import time
+
+    while not stop.wait(0.5):
+        metrics = store.metrics([run_id])
+        train = metrics[metrics["kind"] == "train"]
+        if train.empty:
+            continue
+        step = int(train["step"].max())
+        bar = "#" * int(30 * step / steps)
+        loss = train["loss"].iloc[-1]
+        print(f"\r[{bar:<30}] {step}/{steps} loss {loss:.4f}", end="", file=sys.stderr, flush=True)
+        time.sleep(0)
 
 
 def _cmd_catalogue(args: argparse.Namespace) -> int:

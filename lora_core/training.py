@@ -1,0 +1,379 @@
+"""Short real fine-tuning runs: transformers' Trainer on a PEFT model built from the same
+`LoraSettings` the pages count and export, with every step written to the run store.
+
+`run_training` is the one code path for the app's worker, the CLI and `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_core.settings import LoraSettings
+from lora_core.store import Store
+
+EMBEDDED = "embedded"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message is the reason stored with the failed run."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a run trains on and how. `model` is "embedded" (SmolLM2-135M-Instruct), a Hub id or a
+    local folder; `dataset` a built-in task name, "upload:<path>" or "hub:<repo id>"."""
+
+    model: str = EMBEDDED
+    dataset: str = "json_extraction"
+    steps: int = 60
+    learning_rate: float = 2e-4
+    batch_size: int = 4
+    seq_len: int = 128
+    eval_every: int = 10
+    eval_examples: int = 32
+    seed: int = 0
+    device: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        """Every bad value, fields named."""
+        found = []
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_examples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                found.append(f"`{name}` must be a positive integer, got {value!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1):
+            found.append(f"`learning_rate` must be in (0, 1), got {self.learning_rate!r}")
+        if self.seq_len > 4096:
+            found.append("`seq_len` above 4096 is not supported in short runs")
+        return found
+
+
+def load_model_and_tokenizer(name: str, device: str):
+    """The base causal LM and its tokenizer. Raises `TrainingError` for a model that cannot be
+    loaded or is not a causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from lora_core.embedded import EmbeddedModelError, ensure_embedded
+    from lora_core.models import hub_reachable
+
+    try:
+        path = str(ensure_embedded()) if name == EMBEDDED else name
+    except EmbeddedModelError as error:
+        raise TrainingError(str(error)) from None
+    local = Path(path).is_dir()
+    offline = not local and not hub_reachable()
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=local or offline)
+    except Exception as error:
+        raise TrainingError(f"model {name!r} could not be loaded ({_first_line(error)})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise TrainingError(f"model {name!r} ({config.model_type}) is not a causal language model: pick a decoder LM")
+    dtype = _dtype(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local or offline)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local or offline)
+    except Exception as error:
+        raise TrainingError(f"model {name!r} could not be loaded ({_first_line(error)})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _dtype(device: str):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_dataset(spec: str, seed: int = 0):
+    """A `Dataset` for a built-in task name, "upload:<path>" or "hub:<repo id>"."""
+    from lora_core.datasets import BUILTIN_TASKS, DatasetError, builtin_dataset, hub_dataset, parse_upload
+
+    if spec in BUILTIN_TASKS:
+        return builtin_dataset(spec, seed=seed)
+    if spec.startswith("upload:"):
+        path = Path(spec.removeprefix("upload:"))
+        if not path.is_file():
+            raise DatasetError(f"dataset file {path} does not exist")
+        return parse_upload(path.read_bytes(), path.name, seed=seed)
+    if spec.startswith("hub:"):
+        return hub_dataset(spec.removeprefix("hub:"), seed=seed)
+    raise DatasetError(
+        f"unknown dataset {spec!r}: a built-in task ({', '.join(BUILTIN_TASKS)}), upload:PATH or hub:REPO"
+    )
+
+
+class _Collator:
+    """Right-pads input_ids / labels (-100) / attention_mask to the longest example of the batch."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, features: list[dict]):
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(features), width), pad, dtype=torch.long)
+        labels = torch.full((len(features), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, feature in enumerate(features):
+            length = len(feature["input_ids"])
+            input_ids[i, :length] = torch.tensor(feature["input_ids"])
+            labels[i, :length] = torch.tensor(feature["labels"])
+            mask[i, :length] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _callback_class():
+    from transformers import TrainerCallback
+
+    class StoreCallback(TrainerCallback):
+        """Writes each step's loss, learning rate, grad norm and tokens/s, and each eval loss, to the
+        store; stops after the current step on cancel; fails the run on a NaN loss."""
+
+        def __init__(self, store: Store, run_id: int, cancel: threading.Event) -> None:
+            self.store, self.run_id, self.cancel = store, run_id, cancel
+            self.tokens = 0
+            self.start = time.perf_counter()
+            self.last_time, self.last_tokens = self.start, 0
+            self.nan_step: int | None = None
+            self.train_losses: list[float] = []
+            self.eval_losses: list[tuple[int, float]] = []
+            self.tokens_per_s: list[float] = []
+            self.baseline = None  # set to a callable that evaluates the base model
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = self.last_time = time.perf_counter()
+            self.last_tokens = self.tokens = state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.cancel.is_set() or self.nan_step is not None:
+                control.should_training_stop = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            now = time.perf_counter()
+            if "loss" in logs:
+                loss = float(logs["loss"])
+                tokens = self.tokens = int(state.num_input_tokens_seen)  # non-padding training tokens
+                rate = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+                self.last_time, self.last_tokens = now, tokens
+                self.train_losses.append(loss)
+                self.tokens_per_s.append(rate)
+                grad_norm = logs.get("grad_norm")
+                self.store.add_metric(
+                    self.run_id,
+                    "train",
+                    state.global_step,
+                    loss=loss if math.isfinite(loss) else None,
+                    learning_rate=logs.get("learning_rate"),
+                    grad_norm=float(grad_norm) if grad_norm is not None and math.isfinite(float(grad_norm)) else None,
+                    tokens=tokens,
+                    tokens_per_s=rate,
+                    elapsed=now - self.start,
+                )
+                if not math.isfinite(loss):
+                    self.nan_step = state.global_step
+                    control.should_training_stop = True
+                elif self.baseline is not None:
+                    # The eval loss before training, taken once the first step's loss is stored so that
+                    # point shows at once: with the adapters disabled the PEFT model is the base model.
+                    evaluate, self.baseline = self.baseline, None
+                    evaluate()
+            if "eval_loss" in logs:
+                self.record_eval(state.global_step, float(logs["eval_loss"]), now - self.start)
+            if "baseline_loss" in logs:
+                self.record_eval(0, float(logs["baseline_loss"]), 0.0)
+                self.store.update_run(self.run_id, initial_eval_loss=float(logs["baseline_loss"]))
+            return control
+
+        def record_eval(self, step: int, loss: float, elapsed: float) -> None:
+            self.eval_losses.append((step, loss))
+            self.store.add_metric(self.run_id, "eval", step, loss=loss, tokens=self.tokens, elapsed=elapsed)
+
+    return StoreCallback
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    status: str
+    trainable_params: int = 0
+    train_losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_training(
+    store: Store,
+    run_id: int,
+    config: TrainConfig,
+    settings: LoraSettings,
+    cancel: threading.Event | None = None,
+) -> RunResult:
+    """Train run `run_id` to the end, a cancel, or a failure; every outcome is written to the store
+    (status, error, final losses, adapter files). Never raises for run failures."""
+    cancel = cancel or threading.Event()
+    store.update_run(run_id, status="running", started=time.time(), owner_pid=os.getpid())
+    try:
+        result = _train(store, run_id, config, settings, cancel)
+    except Exception as error:
+        message = _failure_message(error)
+        store.update_run(run_id, status="failed", error=message, finished=time.time())
+        return RunResult(run_id, "failed", error=message)
+    return result
+
+
+def _failure_message(error: BaseException) -> str:
+    text = _first_line(error)
+    if "out of memory" in text.lower() or type(error).__name__ == "OutOfMemoryError":
+        return f"out of memory ({text}): lower the batch size or sequence length"
+    return text if isinstance(error, (TrainingError, ValueError)) else f"{type(error).__name__}: {text}"
+
+
+def _train(
+    store: Store, run_id: int, config: TrainConfig, settings: LoraSettings, cancel: threading.Event
+) -> RunResult:
+    import torch
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from lora_core.datasets import tokenize_examples
+    from lora_core.simulate import pick_device
+
+    problems = config.problems() + settings.problems()
+    if problems:
+        raise TrainingError("; ".join(problems))
+    device = pick_device(config.device)
+    store.update_run(run_id, device=device)
+    dataset = load_dataset(config.dataset, config.seed)
+    model, tokenizer = load_model_and_tokenizer(config.model, device)
+    # every example the run will see, once: steps x batch (the Trainer shuffles them)
+    train = tokenize_examples(dataset.train[: config.steps * config.batch_size], tokenizer, config.seq_len)
+    evaluation = tokenize_examples(dataset.eval[: config.eval_examples], tokenizer, config.seq_len)
+    peft_model = get_peft_model(model, copy.deepcopy(settings.to_peft_config()))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    store.update_run(run_id, trainable_params=trainable, all_params=total)
+    callback = _callback_class()(store, run_id, cancel)
+    with _scratch_dir() as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            max_steps=config.steps,
+            per_device_train_batch_size=config.batch_size,
+            per_device_eval_batch_size=max(config.batch_size, 8),
+            learning_rate=config.learning_rate,
+            lr_scheduler_type="constant_with_warmup",
+            warmup_steps=min(5, config.steps // 10),
+            logging_steps=1,
+            eval_strategy="steps",
+            eval_steps=config.eval_every,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            seed=config.seed,
+            data_seed=config.seed,
+            use_cpu=device == "cpu",
+            bf16=_dtype(device) == torch.bfloat16,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            include_num_input_tokens_seen="non_padding",
+        )
+        trainer = Trainer(
+            model=peft_model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            data_collator=_Collator(tokenizer),
+            callbacks=[callback],
+        )
+        for noisy in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(noisy)
+
+        def baseline() -> None:
+            with peft_model.disable_adapter():
+                trainer.evaluate(metric_key_prefix="baseline")
+
+        callback.baseline = baseline
+        _track_peak_memory_reset(device)
+        trainer.train()
+        if (
+            callback.nan_step is None
+            and not cancel.is_set()
+            and (not callback.eval_losses or callback.eval_losses[-1][0] != trainer.state.global_step)
+        ):
+            final_eval = trainer.evaluate()["eval_loss"]
+            callback.record_eval(trainer.state.global_step, float(final_eval), time.perf_counter() - callback.start)
+    return _finish(store, run_id, peft_model, callback, cancel, trainable, device)
+
+
+def _finish(
+    store: Store, run_id: int, peft_model, callback, cancel: threading.Event, trainable: int, device: str
+) -> RunResult:
+    rate = sum(callback.tokens_per_s[1:]) / max(len(callback.tokens_per_s) - 1, 1) if callback.tokens_per_s else 0.0
+    base = RunResult(run_id, "completed", trainable, callback.train_losses, callback.eval_losses, rate)
+    final_eval = callback.eval_losses[-1][1] if callback.eval_losses else None
+    final_train = callback.train_losses[-1] if callback.train_losses else None
+    fields = {"finished": time.time(), "final_eval_loss": final_eval, "peak_memory_mb": _peak_memory_mb(device)}
+    if callback.nan_step is not None:
+        base.status, base.error = "failed", f"the loss became NaN at step {callback.nan_step}: lower the learning rate"
+        store.update_run(run_id, status="failed", error=base.error, final_train_loss=None, **fields)
+        return base
+    adapter_dir = store.adapter_dir(run_id)
+    peft_model.save_pretrained(adapter_dir)
+    base.status = "cancelled" if cancel.is_set() else "completed"
+    store.update_run(run_id, status=base.status, final_train_loss=final_train, adapter_dir=str(adapter_dir), **fields)
+    return base
+
+
+def _track_peak_memory_reset(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory_mb(device: str) -> float:
+    """CUDA max allocated on GPU; the process's peak RSS on CPU."""
+    import resource
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _scratch_dir:
+    def __enter__(self) -> str:
+        import tempfile
+
+        self.path = tempfile.mkdtemp(prefix="lora-explorer-")
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

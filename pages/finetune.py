@@ -1,0 +1,269 @@
+"""Fine-tune: short real LoRA runs whose loss curves stream in, next to every run tried before."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+import lora_core
+from lora_core.adapters import adapter_zip, effective_ranks
+from lora_core.datasets import BUILTIN_TASKS, MAX_UPLOAD_BYTES, DatasetError, parse_upload
+from lora_core.strategies import STRATEGIES, StrategyError, resolve_strategy
+from lora_core.training import EMBEDDED, TrainConfig
+from pages.common import current, run_manager
+
+EMBEDDED_CONFIG = "HuggingFaceTB/SmolLM2-135M"  # same architecture and shapes as the embedded Instruct model
+UPLOAD, HUB = "Upload JSONL/CSV", "Hub dataset id"
+
+state = current()
+manager = run_manager()
+store = manager.store
+st.title("Fine-tune")
+st.write(
+    "Train the chosen LoRA config for a few minutes and watch the loss. Runs queue one at a time in a "
+    "background worker; finished runs stay (with their settings and losses) across reloads, tabs and restarts."
+)
+
+
+def training_settings(model_choice: str) -> tuple[lora_core.LoraSettings, str]:
+    """The sidebar's settings with the strategy mapped onto the training model's module names."""
+    settings = state.settings
+    strategy = st.session_state["lx_strategy"]
+    spec_name = EMBEDDED_CONFIG if model_choice == EMBEDDED else model_choice
+    if strategy not in STRATEGIES:
+        return settings, ""
+    try:
+        inv = lora_core.inventory(lora_core.resolve_model(spec_name))
+        return resolve_strategy(inv, strategy).apply(settings), f"{strategy} on {spec_name}"
+    except (ValueError, StrategyError) as error:
+        return settings, f"could not map {strategy} onto {spec_name}: {error}"
+
+
+with st.form("lx_train_form"):
+    col1, col2 = st.columns(2)
+    model_source = col1.radio(
+        "Model", ["Embedded SmolLM2-135M-Instruct", "Hub id or local path"], key="lx_train_model_source"
+    )
+    model_text = col1.text_input("Hub id or local folder (causal LM)", key="lx_train_model_text")
+    data_source = col2.radio("Dataset", ["Built-in task", UPLOAD, HUB], key="lx_train_data_source")
+    task = col2.selectbox(
+        "Built-in task", list(BUILTIN_TASKS), key="lx_train_task", format_func=lambda t: f"{t}: {BUILTIN_TASKS[t][1]}"
+    )
+    upload = col2.file_uploader(
+        "JSONL or CSV",
+        type=["jsonl", "json", "csv"],
+        key="lx_train_upload",
+        max_upload_size=MAX_UPLOAD_BYTES // 1_000_000,
+    )
+    hub_dataset_id = col2.text_input("Hub dataset id", key="lx_train_hub_dataset")
+    col3, col4, col5, col6, col7 = st.columns(5)
+    steps = col3.number_input("Steps", 1, 2000, 60, key="lx_train_steps")
+    learning_rate = col4.select_slider(
+        "Learning rate", [5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3], value=1e-3, key="lx_train_lr"
+    )
+    batch_size = col5.select_slider("Batch size", [1, 2, 4, 8, 16], value=4, key="lx_train_batch")
+    seq_len = col6.select_slider("Sequence length", [64, 128, 256, 512, 1024], value=128, key="lx_train_seq")
+    eval_every = col7.number_input("Eval every", 1, 500, 10, key="lx_train_eval_every")
+    run_name = st.text_input("Run name (optional)", key="lx_train_name")
+    submitted = st.form_submit_button("Start", type="primary")
+
+if submitted:
+    model_choice = EMBEDDED if model_source.startswith("Embedded") else model_text.strip()
+    problem = None
+    dataset = task
+    if not model_choice:
+        problem = "give a Hub id or a local folder for the model, or pick the embedded model"
+    elif data_source == UPLOAD:
+        if upload is None:
+            problem = "choose a JSONL or CSV file to upload"
+        else:
+            try:
+                data = upload.getvalue()
+                parse_upload(data, upload.name)
+                folder = store.data_dir / "uploads"
+                folder.mkdir(parents=True, exist_ok=True)
+                path = folder / f"{hashlib.sha1(data).hexdigest()[:12]}-{upload.name}"
+                path.write_bytes(data)
+                dataset = f"upload:{path}"
+            except DatasetError as error:
+                problem = str(error)
+    elif data_source == HUB:
+        dataset = f"hub:{hub_dataset_id.strip()}" if hub_dataset_id.strip() else None
+        problem = None if dataset else "give a Hub dataset id"
+    if problem is None and state.error:
+        problem = f"the sidebar settings are invalid: {state.error}"
+    if problem:
+        st.error(f"Not started: {problem}")
+    else:
+        settings, note = training_settings(model_choice)
+        config = TrainConfig(
+            model=model_choice,
+            dataset=dataset,
+            steps=int(steps),
+            learning_rate=float(learning_rate),
+            batch_size=int(batch_size),
+            seq_len=int(seq_len),
+            eval_every=int(eval_every),
+        )
+        try:
+            run_id = manager.submit(config, settings, run_name.strip() or None)
+        except ValueError as error:
+            st.error(f"Not started: {error}")
+        else:
+            st.session_state.setdefault("lx_overlay", [])
+            st.session_state["lx_overlay"] = [*st.session_state["lx_overlay"], run_id]
+            st.success(f"Run {run_id} queued" + (f" ({note})" if note else ""))
+
+
+def progress_panel(runs: pd.DataFrame, metrics: pd.DataFrame) -> None:
+    active = runs[runs["status"].isin(["queued", "running"])]
+    for _, run in active.iterrows():
+        train = metrics[(metrics["run_id"] == run["id"]) & (metrics["kind"] == "train")]
+        total = int(json.loads(run["config"])["steps"])
+        done = int(train["step"].max()) if len(train) else 0
+        elapsed = float(train["elapsed"].max()) if len(train) else 0.0
+        rate = float(train["tokens_per_s"].tail(5).mean()) if len(train) else 0.0
+        per_step = elapsed / done if done else 0.0
+        cols = st.columns([4, 1])
+        label = f"Run {run['id']} {run['status']}: step {done}/{total}"
+        if done:
+            label += f" · {rate:,.0f} tokens/s · {elapsed:,.0f} s elapsed · ~{per_step * (total - done):,.0f} s left"
+        cols[0].progress(min(done / total, 1.0), text=label)
+        if cols[1].button("Cancel", key=f"lx_cancel_{run['id']}"):
+            manager.cancel(int(run["id"]))
+
+
+def loss_chart(runs: pd.DataFrame, metrics: pd.DataFrame, chosen: list[int]) -> None:
+    x_axis = st.session_state.get("lx_train_x", "steps")
+    log_y = st.session_state.get("lx_train_log", False)
+    figure = go.Figure()
+    for run_id in chosen:
+        name = runs.loc[runs["id"] == run_id, "name"]
+        label = f"{run_id}: {name.iloc[0]}" if len(name) else str(run_id)
+        for kind, dash in (("train", None), ("eval", "dash")):
+            points = metrics[(metrics["run_id"] == run_id) & (metrics["kind"] == kind)]
+            if points.empty:
+                continue
+            x = points["step"] if x_axis == "steps" else points["tokens"]
+            figure.add_trace(
+                go.Scatter(
+                    x=x, y=points["loss"], mode="lines+markers" if kind == "eval" else "lines",
+                    name=f"{label} ({kind})", line={"dash": dash},
+                )
+            )  # fmt: skip
+    figure.update_layout(
+        xaxis_title="step" if x_axis == "steps" else "training tokens",
+        yaxis_title="loss",
+        yaxis_type="log" if log_y else "linear",
+        height=440,
+        legend={"orientation": "h", "y": -0.25},
+    )
+    st.plotly_chart(figure, key="lx_train_chart")
+
+
+def live() -> None:
+    runs = store.runs()
+    metrics = store.metrics(runs["id"].tolist()) if len(runs) else store.metrics([])
+    progress_panel(runs, metrics)
+    chosen = [r for r in st.session_state.get("lx_overlay", []) if r in set(runs["id"])]
+    if chosen:
+        loss_chart(runs, metrics, chosen)
+    elif len(runs):
+        st.info("Pick runs below to overlay their loss curves.")
+
+
+active_now = bool(len(runs_now := store.runs())) and runs_now["status"].isin(["queued", "running"]).any()
+st.subheader("Loss curves")
+col1, col2 = st.columns(2)
+col1.radio("x axis", ["steps", "tokens"], horizontal=True, key="lx_train_x")
+col2.toggle("Log scale", key="lx_train_log")
+st.fragment(run_every=1.0 if active_now else None)(live)()
+
+st.subheader("Runs")
+runs = store.runs()
+if runs.empty:
+    st.caption("No runs yet: press Start.")
+    st.stop()
+table = runs[
+    [
+        "id",
+        "name",
+        "status",
+        "model",
+        "dataset",
+        "trainable_params",
+        "initial_eval_loss",
+        "final_train_loss",
+        "final_eval_loss",
+        "device",
+        "error",
+    ]
+]
+st.dataframe(table, hide_index=True, key="lx_runs_table")
+ids = runs["id"].tolist()
+st.multiselect(
+    "Overlay runs", ids, default=[r for r in st.session_state.get("lx_overlay", []) if r in ids],
+    format_func=lambda r: f"{r}: {runs.loc[runs['id'] == r, 'name'].iloc[0]}", key="lx_overlay_picker",
+    on_change=lambda: st.session_state.update(lx_overlay=list(st.session_state["lx_overlay_picker"])),
+)  # fmt: skip
+
+st.subheader("Manage a run")
+selected = st.selectbox(
+    "Run", ids, format_func=lambda r: f"{r}: {runs.loc[runs['id'] == r, 'name'].iloc[0]}", key="lx_run_pick"
+)
+run = store.run(int(selected))
+col1, col2, col3 = st.columns([3, 1, 1])
+new_name = col1.text_input("Name", value=run["name"], key=f"lx_rename_text_{selected}")
+if col2.button("Rename", key="lx_rename"):
+    try:
+        store.rename(int(selected), new_name)
+        st.rerun()
+    except ValueError as error:
+        st.error(str(error))
+if col3.button("Delete", key="lx_delete"):
+    try:
+        store.delete(int(selected))
+        st.session_state["lx_overlay"] = [r for r in st.session_state.get("lx_overlay", []) if r != selected]
+        st.rerun()
+    except ValueError as error:
+        st.error(str(error))
+with st.expander("Settings of this run"):
+    st.json({"lora": run["settings"], "training": run["config"]})
+if run["status"] in ("completed", "cancelled") and run.get("adapter_dir"):
+    try:
+        payload = adapter_zip(run["adapter_dir"])
+    except FileNotFoundError as error:
+        st.warning(str(error))
+    else:
+        st.download_button(
+            "Download adapter (zip)",
+            payload,
+            file_name=f"lora-run-{selected}.zip",
+            mime="application/zip",
+            key="lx_adapter_zip",
+        )
+        summary, spectra = effective_ranks(run["adapter_dir"])
+        if not summary.empty:
+            st.subheader("Effective rank: how much of r the run used")
+            st.write(
+                "Singular values of each adapted module's scaled update (alpha/r) B A. Effective rank = components "
+                "holding 90% of the update's energy."
+            )
+            st.dataframe(summary, hide_index=True, key="lx_effective_rank_table")
+            spectrum = go.Figure()
+            for module, group in list(spectra.groupby("module"))[:12]:
+                spectrum.add_trace(
+                    go.Scatter(x=group["index"], y=group["singular_value"], name=module, mode="lines+markers")
+                )
+            spectrum.update_layout(xaxis_title="component", yaxis_title="singular value", yaxis_type="log", height=380)
+            st.plotly_chart(spectrum, key="lx_spectrum_chart")
+elif run["status"] == "failed":
+    st.error(f"Run {selected} failed: {run['error']}")
+st.caption(
+    f"Runs are stored in {store.path} (set LORA_EXPLORER_DATA to move them). Updated {time.strftime('%H:%M:%S')}."
+)
