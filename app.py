@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import init_state, render_sidebar
+from pages.common import init_state, render_sidebar, run_manager
 
 st.set_page_config(page_title="LoRA Explorer", page_icon=":material/tune:", layout="wide")
 
@@ -23,6 +23,7 @@ PAGES = [
 ]
 
 init_state()
+run_manager()  # starts the training worker with the server, so its imports are done before Start
 render_sidebar()
 navigation = st.navigation(PAGES)
 navigation.run()

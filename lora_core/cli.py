@@ -64,6 +64,13 @@ def _build_parser() -> argparse.ArgumentParser:
     strategies.add_argument("--json", action="store_true")
     strategies.set_defaults(handler=_cmd_strategies)
 
+    export = commands.add_parser("export", help="the config as PEFT JSON, full JSON, Axolotl, LLaMA-Factory or Python")
+    export.add_argument("--model", required=True)
+    export.add_argument("--lora", help="adapter_config.json (or a full JSON export) to start from")
+    export.add_argument("--format", choices=("peft", "json", "axolotl", "llamafactory", "python"), default="peft")
+    _add_settings_flags(export)
+    export.set_defaults(handler=_cmd_export)
+
     train = commands.add_parser("train", help="a short LoRA fine-tuning run, written to the run store")
     train.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), a Hub id or a folder")
     train.add_argument(
@@ -231,6 +238,16 @@ def _count_table(result, label: str | None, all_modules: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from lora_core.export import export
+    from lora_core.models import inventory, resolve_model
+
+    inv = inventory(resolve_model(args.model))
+    base = _load_lora_file(args.lora) if args.lora else None
+    print(export(settings_from_args(args, base), inv, args.format), end="")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import threading
 
@@ -269,7 +286,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = run_training(store, run_id, config, settings)
     finally:
         stop.set()
-    run = store.run(run_id)
+    run = store.run(run_id) or {}
+    if not primary:
+        return 0 if result.status in ("completed", "cancelled") else 1
     if args.json:
         print(json.dumps({**result.to_dict(), "store": str(store.path), "adapter_dir": run.get("adapter_dir")}))
     else:

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS runs (
     final_eval_loss REAL,
     peak_memory_mb REAL,
     adapter_dir TEXT,
-    owner_pid INTEGER
+    owner_pid INTEGER,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -167,6 +168,25 @@ class Store:
 
             shutil.rmtree(run["adapter_dir"], ignore_errors=True)
 
+    def request_cancel(self, run_id: int) -> None:
+        """Ask the worker to stop `run_id` after its current step; a queued run is cancelled at once."""
+        with closing(self._connect()) as db, db:
+            db.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?", (run_id,))
+            db.execute(
+                "UPDATE runs SET status = 'cancelled', finished = ?, error = 'cancelled before it started' "
+                "WHERE id = ? AND status = 'queued'",
+                (time.time(), run_id),
+            )
+
+    def cancel_requested(self, run_id: int) -> bool:
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT cancel_requested FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return bool(row and row[0])
+
+    def active_run_ids(self) -> list[int]:
+        with closing(self._connect()) as db:
+            return [r[0] for r in db.execute("SELECT id FROM runs WHERE status IN ('queued', 'running') ORDER BY id")]
+
     def mark_orphans_interrupted(self) -> int:
         """Active runs whose owning process is gone become `interrupted`; returns how many."""
         with closing(self._connect()) as db:
@@ -196,3 +216,22 @@ def _decode(row: sqlite3.Row) -> dict:
     for key in ("settings", "config"):
         data[key] = json.loads(data[key]) if data.get(key) else {}
     return data
+
+
+class NullStore:
+    """A store that records nothing: what non-zero ranks of a multi-GPU `accelerate launch` get,
+    so only rank 0 writes the run."""
+
+    data_dir = Path("/nonexistent")
+
+    def __getattr__(self, name: str):
+        def ignore(*args, **kwargs):
+            return None
+
+        return ignore
+
+    def cancel_requested(self, run_id: int) -> bool:
+        return False
+
+    def adapter_dir(self, run_id: int) -> Path:
+        return self.data_dir

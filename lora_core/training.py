@@ -75,7 +75,9 @@ def load_model_and_tokenizer(name: str, device: str):
         config = AutoConfig.from_pretrained(path, local_files_only=local or offline)
     except Exception as error:
         raise TrainingError(f"model {name!r} could not be loaded ({_first_line(error)})") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    architectures = getattr(config, "architectures", None) or []
+    causal_names = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (architectures and not causal_names):
         raise TrainingError(f"model {name!r} ({config.model_type}) is not a causal language model: pick a decoder LM")
     dtype = _dtype(device)
     try:
@@ -226,10 +228,11 @@ def run_training(
     run_id: int,
     config: TrainConfig,
     settings: LoraSettings,
-    cancel: threading.Event | None = None,
+    cancel=None,
 ) -> RunResult:
     """Train run `run_id` to the end, a cancel, or a failure; every outcome is written to the store
-    (status, error, final losses, adapter files). Never raises for run failures."""
+    (status, error, final losses, adapter files). Never raises for run failures. `cancel` is
+    anything with `is_set()` (a `threading.Event`, or the runner's store-backed flag)."""
     cancel = cancel or threading.Event()
     store.update_run(run_id, status="running", started=time.time(), owner_pid=os.getpid())
     try:
@@ -295,6 +298,7 @@ def _train(
             remove_unused_columns=False,
             dataloader_num_workers=0,
             include_num_input_tokens_seen="non_padding",
+            logging_nan_inf_filter=False,  # a NaN loss must reach the callback, not be averaged away
         )
         trainer = Trainer(
             model=peft_model,
@@ -337,7 +341,8 @@ def _finish(
         store.update_run(run_id, status="failed", error=base.error, final_train_loss=None, **fields)
         return base
     adapter_dir = store.adapter_dir(run_id)
-    peft_model.save_pretrained(adapter_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer under multi-GPU `accelerate launch`
+        peft_model.save_pretrained(adapter_dir)
     base.status = "cancelled" if cancel.is_set() else "completed"
     store.update_run(run_id, status=base.status, final_train_loss=final_train, adapter_dir=str(adapter_dir), **fields)
     return base

@@ -16,7 +16,7 @@ import lora_core
 from lora_core import LoraSettings, ModelResolutionError, simulate
 from lora_core.guidelines import alpha_advice
 from lora_core.runner import RunManager
-from lora_core.store import Store
+from lora_core.store import Store, default_data_dir
 from lora_core.strategies import STRATEGIES, StrategyError, describe_targets, resolve_strategy
 
 DEFAULT_MODEL = "meta-llama/Llama-2-7b-hf"
@@ -237,10 +237,14 @@ def show_count(state: Current) -> None:
         st.warning(advice)
 
 
-@st.cache_resource
 def run_manager() -> RunManager:
     """The process-wide training queue over the run store ($LORA_EXPLORER_DATA or the user data dir)."""
-    return RunManager(Store.open())
+    return _run_manager(str(default_data_dir()))
+
+
+@st.cache_resource
+def _run_manager(data_dir: str) -> RunManager:
+    return RunManager(Store.open(data_dir))
 
 
 @st.cache_resource

@@ -1,0 +1,251 @@
+"""Real training runs: a tiny random causal LM (seconds) and the embedded SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from peft import LoraConfig
+from tiny_model import build_tiny_causal_lm
+
+from lora_core import LoraSettings, count_lora_params
+from lora_core.adapters import adapter_zip, effective_ranks
+from lora_core.datasets import DatasetError, builtin_dataset, parse_upload, tokenize_examples
+from lora_core.models import spec_from_text
+from lora_core.runner import RunManager
+from lora_core.store import Store
+from lora_core.training import TrainConfig, run_training
+
+SETTINGS = LoraSettings(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def manager(tmp_path_factory) -> RunManager:
+    """One worker process for the module (each spawn imports torch and transformers)."""
+    manager = RunManager(Store.open(tmp_path_factory.mktemp("runs")))
+    yield manager
+    manager.shutdown()
+
+
+def tiny_config(model: Path, **changes) -> TrainConfig:
+    base = {
+        "model": str(model),
+        "dataset": "reverse_list",
+        "steps": 12,
+        "eval_every": 4,
+        "seq_len": 64,
+        "learning_rate": 1e-2,
+    }
+    return TrainConfig(**{**base, **changes})
+
+
+def test_tiny_run_streams_every_step_and_saves_a_loadable_adapter(tiny_model, manager) -> None:
+    run_id = manager.submit(tiny_config(tiny_model), SETTINGS, "tiny")
+    run = manager.wait(run_id, 180)
+    assert run["status"] == "completed", run["error"]
+    metrics = manager.store.metrics([run_id])
+    train = metrics[metrics["kind"] == "train"]
+    evals = metrics[metrics["kind"] == "eval"]
+    assert train["step"].tolist() == list(range(1, 13))
+    assert train["loss"].notna().all() and (train["tokens_per_s"] > 0).all()
+    assert train["learning_rate"].notna().all() and train["grad_norm"].notna().all()
+    assert evals["step"].tolist() == [0, 4, 8, 12]
+    assert run["initial_eval_loss"] == pytest.approx(evals["loss"].iloc[0])
+    # the trainable count PEFT reports in the run equals the engine's count on the same config
+    spec = spec_from_text((tiny_model / "config.json").read_text(), "tiny")
+    assert run["trainable_params"] == count_lora_params(spec, SETTINGS).trainable_params
+    assert LoraConfig.from_pretrained(run["adapter_dir"]).r == 4
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(_zip_names(adapter_zip(run["adapter_dir"])))
+    summary, spectra = effective_ranks(run["adapter_dir"])
+    assert len(summary) == 4  # 2 layers x (q, v)
+    assert ((summary["effective_rank"] >= 1) & (summary["effective_rank"] <= 4)).all()
+    assert len(spectra) == 4 * 4
+
+
+def _zip_names(payload: bytes) -> list[str]:
+    import io
+    import zipfile
+
+    return zipfile.ZipFile(io.BytesIO(payload)).namelist()
+
+
+def test_cancel_stops_within_one_step(tiny_model, manager) -> None:
+    run_id = manager.submit(tiny_config(tiny_model, steps=2000, eval_every=1000), SETTINGS)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        train = manager.store.metrics([run_id]).query("kind == 'train'")
+        if len(train) >= 3:
+            break
+        time.sleep(0.05)
+    manager.cancel(run_id)
+    at_cancel = int(manager.store.metrics([run_id]).query("kind == 'train'")["step"].max())
+    run = manager.wait(run_id, 60)
+    last = int(manager.store.metrics([run_id]).query("kind == 'train'")["step"].max())
+    assert run["status"] == "cancelled"
+    assert last <= at_cancel + 2  # the step in flight, and at most one logged just before the flag was seen
+
+
+def test_nan_loss_fails_the_run_and_the_worker_keeps_serving(tiny_model, manager, tmp_path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    broken = tmp_path / "nan-model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(broken)
+    failed = manager.wait(manager.submit(tiny_config(broken, steps=5), SETTINGS), 120)
+    assert failed["status"] == "failed" and "NaN" in failed["error"]
+    after = manager.wait(manager.submit(tiny_config(tiny_model, steps=3), SETTINGS), 120)
+    assert after["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("model", "dataset", "message"),
+    [
+        ("TINY", "upload:/no/such/file.jsonl", "does not exist"),
+        ("TINY", "no_such_task", "unknown dataset"),
+        ("BERT", "reverse_list", "not a causal language model"),
+        ("/no/such/model/folder", "reverse_list", "could not be loaded"),
+    ],
+)
+def test_unusable_inputs_fail_the_run_with_a_reason(tiny_model, manager, tmp_path, model, dataset, message) -> None:
+    if model == "BERT":
+        from transformers import BertConfig
+
+        model = tmp_path / "bert"
+        model.mkdir()
+        config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        config.architectures = ["BertForMaskedLM"]
+        config.save_pretrained(model)
+    model = tiny_model if model == "TINY" else model
+    run = manager.wait(manager.submit(tiny_config(model, dataset=dataset, steps=2), SETTINGS), 120)
+    assert run["status"] == "failed"
+    assert message in run["error"]
+
+
+def test_bad_config_is_refused_before_queueing(tiny_model, manager) -> None:
+    before = len(manager.store.runs())
+    with pytest.raises(ValueError, match="`steps`") as error:
+        manager.submit(tiny_config(tiny_model, steps=0, learning_rate=2.0), SETTINGS.replace(r=0))
+    assert "`learning_rate`" in str(error.value) and "`r`" in str(error.value)
+    assert len(manager.store.runs()) == before
+
+
+def test_interrupted_run_is_marked_after_a_store_restart(tmp_path) -> None:
+    store = Store.open(tmp_path / "data")
+    run_id = store.create_run("left behind", "m", "d", {}, {})
+    store.update_run(run_id, status="running")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.update_run(run_id, owner_pid=dead.pid)  # the process that owned it is gone
+    reopened = Store.open(tmp_path / "data")
+    run = reopened.run(run_id)
+    assert run["status"] == "interrupted"
+    assert "stopped" in run["error"]
+
+
+def test_two_store_handles_see_the_same_runs(tmp_path) -> None:
+    first, second = Store.open(tmp_path / "data"), Store.open(tmp_path / "data")
+    run_id = first.create_run("shared", "m", "d", {"r": 4}, {"steps": 1})
+    first.add_metric(run_id, "train", 1, loss=1.5, tokens=10)
+    assert second.run(run_id)["settings"] == {"r": 4}
+    assert second.metrics([run_id])["loss"].tolist() == [1.5]
+    second.rename(run_id, "renamed")
+    first.update_run(run_id, status="completed")
+    first.delete(run_id)
+    assert second.run(run_id) is None
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "message"),
+    [
+        (b'{"prompt": "a"}\n', "x.jsonl", "columns"),
+        (b"not json\n", "x.jsonl", "line 1: not valid JSON"),
+        (b"text\n" + b"hello\n" * 3, "x.csv", "at least 8"),
+        (b"a,b\n1,2\n", "x.txt", ".jsonl or .csv"),
+        (b"\xff\xfe\x00", "x.jsonl", "not UTF-8"),
+        (b" " * 20_000_001, "x.jsonl", "capped"),
+        (b'{"prompt": "a", "completion": ""}\n' * 10, "x.jsonl", "row 1: empty"),
+    ],
+)
+def test_bad_uploads_are_refused_with_one_line(content: bytes, name: str, message: str) -> None:
+    with pytest.raises(DatasetError, match=message) as error:
+        parse_upload(content, name)
+    assert "\n" not in str(error.value)
+
+
+def test_uploads_of_each_shape_parse(tmp_path) -> None:
+    rows = [{"instruction": f"say {i}", "input": "politely", "output": f"hello {i}"} for i in range(20)]
+    dataset = parse_upload("\n".join(json.dumps(r) for r in rows).encode(), "chat.jsonl")
+    assert len(dataset.train) + len(dataset.eval) == 20
+    assert "politely" in dataset.train[0].prompt
+    csv_data = "prompt,completion\n" + "".join(f"q{i},a{i}\n" for i in range(10))
+    assert len(parse_upload(csv_data.encode(), "pairs.csv").train) == 9
+    text = "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(10))
+    assert parse_upload(text.encode(), "plain.jsonl").train[0].prompt == ""
+
+
+def test_builtin_tasks_are_deterministic_with_disjoint_eval() -> None:
+    first, second = (
+        builtin_dataset("json_extraction", 200, 20, seed=1),
+        builtin_dataset("json_extraction", 200, 20, seed=1),
+    )
+    assert first == second
+    assert not {e.prompt for e in first.eval} & {e.prompt for e in first.train}
+    assert json.loads(first.train[0].completion).keys() == {"name", "age", "city"}
+
+
+def test_loss_is_on_completions_only(tiny_model) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    dataset = builtin_dataset("date_format", 10, 2)
+    encoded = tokenize_examples(dataset.train[:3], tokenizer, 128)
+    for item, example in zip(encoded, dataset.train[:3]):
+        kept = [t for t, label in zip(item["input_ids"], item["labels"]) if label != -100]
+        assert tokenizer.decode(kept).startswith(example.completion)
+
+
+def test_headless_cli_train_json(tiny_model, tmp_path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "lora_core", "train", "--model", str(tiny_model), "--dataset", "date_format"]
+    command += ["--steps", "4", "--eval-every", "2", "--seq-len", "64", "--r", "4", "--targets", "q_proj,v_proj"]
+    command += ["--out", str(tmp_path / "cli"), "--json"]
+    proc = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300, env=_env(root))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["status"] == "completed" and len(result["train_losses"]) == 4
+    assert [step for step, _ in result["eval_losses"]] == [0, 2, 4]
+    assert result["trainable_params"] > 0 and result["tokens_per_s"] > 0
+    assert Store.open(tmp_path / "cli").run(result["run_id"])["status"] == "completed"
+
+
+def _env(root: Path) -> dict:
+    import os
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_improves_on_a_builtin_task_in_30_steps(tmp_path) -> None:
+    store = Store.open(tmp_path / "data")
+    config = TrainConfig(
+        dataset="json_extraction", steps=30, eval_every=10, batch_size=4, seq_len=128, learning_rate=1e-3
+    )
+    settings = LoraSettings(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"))
+    run_id = store.create_run("smollm2", config.model, config.dataset, settings.to_peft_dict(), {})
+    result = run_training(store, run_id, config, settings)
+    assert result.status == "completed", result.error
+    losses = dict(result.eval_losses)
+    assert losses[30] < 0.5 * losses[0]  # before training vs after 30 steps, same 32 held-out examples
