@@ -252,7 +252,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import threading
 
     from lora_core.settings import LoraSettings
-    from lora_core.store import Store
+    from lora_core.store import NullStore, Store
     from lora_core.training import TrainConfig, run_training
 
     base = (
@@ -274,10 +274,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     problems = config.problems() + settings.problems()
     if problems:
         raise _BadInput("; ".join(problems))
-    store = Store.open(args.out)
-    run_id = store.create_run(
-        args.name or f"cli r={settings.r}", config.model, config.dataset, settings.to_peft_dict(), vars(config)
-    )
+    # Under `accelerate launch` on several GPUs every rank trains; only rank 0 writes the run.
+    primary = int(os.environ.get("RANK", "0")) == 0
+    store = Store.open(args.out) if primary else NullStore()
+    label = args.name or f"cli r={settings.r}"
+    run_id = store.create_run(label, config.model, config.dataset, settings.to_peft_dict(), vars(config)) or 0
     stop = threading.Event()
     progress = threading.Thread(target=_print_progress, args=(store, run_id, config.steps, stop), daemon=True)
     if not args.json:

@@ -16,6 +16,7 @@ callback reads each step), so it works for any process that shares the store.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import threading
@@ -123,10 +124,8 @@ class RunManager:
         self._closed = True
         for run_id in self.store.active_run_ids():
             self.store.request_cancel(run_id)
-        try:
+        with contextlib.suppress(OSError, ValueError):  # the queue may already be closed at exit
             self._jobs.put(None)
-        except (OSError, ValueError):
-            pass
         self._process.join(timeout=10)
         if self._process.is_alive():
             self._process.terminate()
