@@ -20,10 +20,11 @@ PAGES = [
     st.Page("pages/dropout.py", title="Dropout", icon=":material/casino:"),
     st.Page("pages/search.py", title="Search spaces", icon=":material/explore:"),
     st.Page("pages/finetune.py", title="Fine-tune", icon=":material/model_training:"),
+    st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ]
 
 init_state()
 run_manager()  # starts the training worker with the server, so its imports are done before Start
-render_sidebar()
 navigation = st.navigation(PAGES)
+render_sidebar()
 navigation.run()

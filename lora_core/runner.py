@@ -1,7 +1,7 @@
 """One background worker per server process that trains queued runs one at a time.
 
-The worker is a spawned child process, started when the manager is created and warmed by
-importing torch, transformers and peft, so:
+The worker is a child interpreter (`python -m lora_core.runner`), started when the manager is
+created and warmed by importing torch, transformers and peft, so:
 - training runs on the child's main thread at full speed (on this 2-core CPU a training thread
   inside the Streamlit process ran ~20% slower, competing with the server's threads and OpenMP
   teams);
@@ -9,8 +9,9 @@ importing torch, transformers and peft, so:
   marks that run failed and starts a fresh worker;
 - Trainer's process-global accelerate state never meets a second run at once.
 
-Jobs go to the child through a queue; cancellation goes through the store (a flag the training
-callback reads each step), so it works for any process that shares the store.
+Jobs go through the store: the child claims the oldest queued run atomically; cancellation is a
+flag the training callback reads each step. Any process that shares the store can queue or
+cancel, and the child exits when its parent is gone.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import multiprocessing as mp
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 from lora_core.settings import LoraSettings
 from lora_core.store import Store
@@ -32,7 +36,6 @@ class RunManager:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._context = mp.get_context("spawn")
         self._lock = threading.Lock()
         self._closed = False
         self._start_worker()
@@ -41,19 +44,21 @@ class RunManager:
         atexit.register(self.shutdown)
 
     def _start_worker(self) -> None:
-        self._jobs = self._context.Queue()
-        self._ready = self._context.Event()
-        self._process = self._context.Process(
-            target=_worker_main,
-            args=(str(self.store.data_dir), self._jobs, self._ready),
-            name="lora-explorer-trainer",
-            daemon=True,
-        )
-        self._process.start()
+        # A plain child interpreter (`python -m lora_core.runner`), not multiprocessing: under
+        # `streamlit run` the parent's __main__ is the app script, which spawn would re-execute.
+        self._ready_file = self.store.data_dir / f"worker-{os.getpid()}.ready"
+        self._ready_file.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "lora_core.runner", str(self.store.data_dir), str(os.getpid()), str(self._ready_file)]
+        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": _pythonpath()})
 
     def wait_ready(self, timeout: float = 120) -> bool:
         """Block until the worker has its imports done (it then starts a run at once)."""
-        return self._ready.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._ready_file.exists():
+                return True
+            time.sleep(0.1)
+        return False
 
     def submit(self, config: TrainConfig, settings: LoraSettings, name: str | None = None) -> int:
         """Queue a run and return its id. Raises ValueError (fields named) for bad settings or config."""
@@ -61,12 +66,7 @@ class RunManager:
         if problems:
             raise ValueError("; ".join(problems))
         label = name or f"r={settings.r} a={settings.lora_alpha:g} {describe(settings)} on {config.dataset}"
-        run_id = self.store.create_run(
-            label, config.model, config.dataset, settings.to_peft_dict(), dataclasses.asdict(config)
-        )
-        with self._lock:
-            self._jobs.put((run_id, dataclasses.asdict(config), settings.to_peft_dict()))
-        return run_id
+        return self.store.create_run(label, config.model, config.dataset, settings.to_peft_dict(), dataclasses.asdict(config))
 
     def cancel(self, run_id: int) -> None:
         """Stop a run after its current step, or drop it from the queue."""
@@ -85,37 +85,21 @@ class RunManager:
     def _watch(self) -> None:
         """Restart a worker that died, failing the run it was training."""
         while not self._closed:
-            self._process.join(timeout=1.0)
-            if self._closed or self._process.is_alive():
+            try:
+                code = self._process.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
                 continue
-            code = self._process.exitcode
+            if self._closed:
+                return
             for run_id in self.store.active_run_ids():
                 run = self.store.run(run_id)
-                if run and run["status"] == "running":
-                    reason = (
-                        "the training process was killed (out of memory?)"
-                        if code and code < 0
-                        else f"the training process exited ({code})"
-                    )
+                if run and run["status"] == "running" and run.get("owner_pid") == self._process.pid:
+                    reason = "the training process was killed (out of memory?)" if code < 0 else f"the training process exited ({code})"
                     self.store.update_run(
-                        run_id,
-                        status="failed",
-                        error=f"{reason}: lower the batch size or sequence length",
-                        finished=time.time(),
+                        run_id, status="failed", finished=time.time(), error=f"{reason}: lower the batch size or sequence length"
                     )
             with self._lock:
-                queued = self._drain()
                 self._start_worker()
-                for job in queued:
-                    self._jobs.put(job)
-
-    def _drain(self) -> list:
-        jobs = []
-        while True:
-            try:
-                jobs.append(self._jobs.get_nowait())
-            except Exception:
-                return jobs
 
     def shutdown(self) -> None:
         """Stop the worker process (a run in flight is cancelled first). Safe to call twice."""
@@ -124,15 +108,22 @@ class RunManager:
         self._closed = True
         for run_id in self.store.active_run_ids():
             self.store.request_cancel(run_id)
-        with contextlib.suppress(OSError, ValueError):  # the queue may already be closed at exit
-            self._jobs.put(None)
-        self._process.join(timeout=10)
-        if self._process.is_alive():
-            self._process.terminate()
+        self._process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(timeout=10)
+        if self._process.poll() is None:
+            self._process.kill()
 
 
-def _worker_main(data_dir: str, jobs, ready) -> None:
-    """The child: warm up the heavy imports, then train jobs until told to stop."""
+def _pythonpath() -> str:
+    root = str(Path(__file__).resolve().parents[1])
+    existing = os.environ.get("PYTHONPATH")
+    return f"{root}{os.pathsep}{existing}" if existing else root
+
+
+def worker_main(data_dir: str, parent_pid: int, ready_file: str) -> None:
+    """The child: warm up the heavy imports, then train queued runs (oldest first, claimed
+    atomically in the store) until the parent process is gone."""
     import torch  # noqa: F401 - warm-up so the first run starts at once
     import transformers  # noqa: F401
     from peft import get_peft_model  # noqa: F401
@@ -141,18 +132,23 @@ def _worker_main(data_dir: str, jobs, ready) -> None:
     from lora_core.training import run_training
 
     store = Store.open(data_dir)
-    ready.set()
-    while True:
-        job = jobs.get()
-        if job is None:
-            return
-        run_id, config, settings = job
-        run = store.run(run_id)
-        if run is None or run["status"] != "queued":
-            continue  # cancelled or deleted while queued
-        run_training(
-            store, run_id, TrainConfig(**config), LoraSettings.from_peft_dict(settings), StoreCancel(store, run_id)
-        )
+    Path(ready_file).write_text(str(os.getpid()))
+    while _alive(parent_pid):
+        run = store.claim_next()
+        if run is None:
+            time.sleep(0.2)
+            continue
+        config = TrainConfig(**run["config"])
+        settings = LoraSettings.from_peft_dict(run["settings"])
+        run_training(store, run["id"], config, settings, StoreCancel(store, run["id"]))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
 
 
 class StoreCancel:
@@ -178,3 +174,7 @@ def describe(settings: LoraSettings) -> str:
     if isinstance(targets, tuple):
         return "+".join(t.removesuffix("_proj") for t in targets) if len(targets) <= 4 else f"{len(targets)} targets"
     return str(targets) if targets else "default targets"
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1], int(sys.argv[2]), sys.argv[3])

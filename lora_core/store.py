@@ -168,6 +168,19 @@ class Store:
 
             shutil.rmtree(run["adapter_dir"], ignore_errors=True)
 
+    def claim_next(self) -> dict | None:
+        """Atomically take the oldest queued run for this process (status -> running); None if none."""
+        with closing(self._connect()) as db, db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT id FROM runs WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE runs SET status = 'running', started = ?, owner_pid = ? WHERE id = ?",
+                (time.time(), os.getpid(), row[0]),
+            )
+        return self.run(row[0])
+
     def request_cancel(self, run_id: int) -> None:
         """Ask the worker to stop `run_id` after its current step; a queued run is cancelled at once."""
         with closing(self._connect()) as db, db:

@@ -7,7 +7,7 @@ import streamlit as st
 
 from lora_core.guidelines import alpha_advice, scale_of
 from lora_core.simulate import alpha_output_stats, scale_grid
-from pages.common import current, show_count
+from pages.common import page_state, show_count
 
 ALPHAS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 RANKS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -18,7 +18,7 @@ def cached_stats(rank: int, alphas: tuple[float, ...], use_rslora: bool, d: int)
     return alpha_output_stats(d_in=d, d_out=d, rank=rank, alphas=alphas, use_rslora=use_rslora)
 
 
-state = current()
+state = page_state()
 settings = state.settings
 st.title("Alpha")
 st.write(

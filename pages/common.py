@@ -53,9 +53,87 @@ def init_state() -> None:
         "lx_alpha_pattern": {},
         "lx_layers": None,
     }
+    first_run = "lx_spec" not in st.session_state
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
+    if first_run:
+        _load_query_params()
     _apply_pending()
+
+
+# Shareable links: the URL carries the model and the settings (?model=...&r=...&alpha=...).
+_URL_KEYS = {
+    "r": ("lx_r", lambda v: _int_in(v, 1, 256)),
+    "alpha": ("lx_alpha", lambda v: _float_in(v, 0.5, 4096)),
+    "dropout": ("lx_dropout", lambda v: _float_in(v, 0.0, 0.5)),
+    "targets": ("lx_strategy", lambda v: v if v in (*STRATEGIES, CUSTOM) else None),
+    "custom": ("lx_custom_targets", lambda v: v if v.strip() else None),
+    "rslora": ("lx_rslora", lambda v: {"1": True, "0": False}.get(v)),
+    "dora": ("lx_dora", lambda v: {"1": True, "0": False}.get(v)),
+    "bias": ("lx_bias", lambda v: v if v in ("none", "lora_only", "all") else None),
+}
+
+
+def _int_in(text: str, low: int, high: int) -> int | None:
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if low <= value <= high else None
+
+
+def _float_in(text: str, low: float, high: float) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if low <= value <= high else None
+
+
+def _load_query_params() -> None:
+    """Take the model and settings from the URL; a bad or stale value keeps its default, with a notice."""
+    params = st.query_params
+    ignored = []
+    model = params.get("model")
+    if model:
+        if model in lora_core.catalogue_ids():
+            st.session_state["lx_spec"] = lora_core.resolve_model(model)
+            st.session_state["lx_catalogue_choice"] = model
+        else:
+            ignored.append(f"model={model}")
+    for name, (key, parse) in _URL_KEYS.items():
+        if name in params:
+            value = parse(params[name])
+            if value is None:
+                ignored.append(f"{name}={params[name]}")
+            else:
+                st.session_state[key] = value
+    if ignored:
+        st.session_state["lx_url_notice"] = (
+            f"The link's {', '.join(ignored)} could not be used (unknown or out of range); defaults kept."
+        )
+
+
+def _sync_query_params() -> None:
+    """Write the current model and settings into the URL so a copied link reopens this view."""
+    state = st.session_state
+    wanted = {
+        "model": state["lx_spec"].model_id if state["lx_spec"].source == "catalogue" else None,
+        "r": str(state["lx_r"]),
+        "alpha": f"{float(state['lx_alpha']):g}",
+        "dropout": f"{float(state['lx_dropout']):g}",
+        "targets": state["lx_strategy"],
+        "custom": state["lx_custom_targets"] if state["lx_strategy"] == CUSTOM else None,
+        "rslora": "1" if state["lx_rslora"] else None,
+        "dora": "1" if state["lx_dora"] else None,
+        "bias": state["lx_bias"] if state["lx_bias"] != "none" else None,
+    }
+    for name, value in wanted.items():
+        if value is None:
+            if name in st.query_params:
+                del st.query_params[name]
+        elif st.query_params.get(name) != value:
+            st.query_params[name] = value
 
 
 def request_apply(changes: dict) -> None:
@@ -132,6 +210,26 @@ def render_sidebar() -> None:
         st.toggle("rsLoRA (alpha / sqrt(r))", key="lx_rslora")
         st.toggle("DoRA", key="lx_dora")
         st.selectbox("Bias", ["none", "lora_only", "all"], key="lx_bias")
+        if st.session_state.get("lx_url_notice"):
+            st.warning(st.session_state["lx_url_notice"])
+        _sync_query_params()
+        _sidebar_download()
+
+
+def _sidebar_download() -> None:
+    """The current settings as a PEFT adapter_config.json, one click from every page."""
+    from lora_core.export import export
+
+    state = current()
+    if state.error:
+        return
+    st.download_button(
+        "Download adapter_config.json",
+        export(state.settings, state.inventory, "peft"),
+        file_name="adapter_config.json",
+        mime="application/json",
+        key="lx_sidebar_download",
+    )
 
 
 def _model_picker() -> None:
@@ -203,6 +301,16 @@ def parse_targets(text: str) -> tuple[str, ...] | str:
     if text.lower() == "all-linear":
         return "all-linear"
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def page_state() -> Current:
+    """`current()` for a page file. The first run in a fresh server can reach a page file directly
+    (Streamlit's legacy pages/ folder path, before app.py's `st.navigation` has run once); the page
+    then sets up the shared state and sidebar itself."""
+    if "lx_spec" not in st.session_state:
+        init_state()
+        render_sidebar()
+    return current()
 
 
 def current() -> Current:

@@ -7,7 +7,7 @@ import streamlit as st
 
 from lora_core.guidelines import dropout_advice
 from lora_core.simulate import simulate_dropout
-from pages.common import current, show_count, simulation_device
+from pages.common import page_state, show_count, simulation_device
 
 RATES = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5]
 
@@ -17,7 +17,7 @@ def cached_dropout(d: int, rank: int, rates: tuple[float, ...], passes: int):
     return simulate_dropout(d_in=d, d_out=d, rank=rank, dropout_rates=rates, num_forward=passes)
 
 
-state = current()
+state = page_state()
 settings = state.settings
 st.title("Dropout")
 st.write(

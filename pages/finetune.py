@@ -15,12 +15,12 @@ from lora_core.adapters import adapter_zip, effective_ranks
 from lora_core.datasets import BUILTIN_TASKS, MAX_UPLOAD_BYTES, DatasetError, parse_upload
 from lora_core.strategies import STRATEGIES, StrategyError, resolve_strategy
 from lora_core.training import EMBEDDED, TrainConfig
-from pages.common import current, run_manager
+from pages.common import page_state, run_manager
 
 EMBEDDED_CONFIG = "HuggingFaceTB/SmolLM2-135M"  # same architecture and shapes as the embedded Instruct model
 UPLOAD, HUB = "Upload JSONL/CSV", "Hub dataset id"
 
-state = current()
+state = page_state()
 manager = run_manager()
 store = manager.store
 st.title("Fine-tune")

@@ -6,9 +6,9 @@ import streamlit as st
 
 import lora_core
 from lora_core.strategies import SCENARIOS, adapt_to_model, describe_targets
-from pages.common import apply_settings, current, human, role_breakdown, show_count, simulation_device
+from pages.common import apply_settings, human, page_state, role_breakdown, show_count, simulation_device
 
-state = current()
+state = page_state()
 st.title("LoRA Explorer")
 st.write(
     "Choose LoRA hyperparameters with evidence: every count below is what "

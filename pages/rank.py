@@ -10,7 +10,7 @@ from lora_core.counting import rank_curve
 from lora_core.guidelines import RANK_BANDS, rank_band
 from lora_core.simulate import reconstruction_error, simulate_rank_sweep
 from lora_core.strategies import STRATEGIES, resolve_strategy
-from pages.common import current, show_count, simulation_device
+from pages.common import page_state, show_count, simulation_device
 
 RANKS = list(range(1, 257))
 SIM_RANK_CHOICES = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
@@ -34,7 +34,7 @@ def on_model(state, inv):
     return state.settings
 
 
-state = current()
+state = page_state()
 st.title("Rank")
 st.write(
     "The rank r sets the adapter's capacity and its cost: each adapted d_out x d_in matrix gets "

@@ -7,7 +7,7 @@ import streamlit as st
 
 import lora_core
 from lora_core.strategies import SEARCH_SPACES, adapt_to_model, count_search_space, search_space
-from pages.common import apply_settings, current, show_count
+from pages.common import apply_settings, page_state, show_count
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -15,7 +15,7 @@ def cached_space(_inventory, key: str, priority: str):
     return count_search_space(_inventory, priority)
 
 
-state = current()
+state = page_state()
 st.title("Search spaces")
 st.write(
     "The article's hyperparameter grids (In[26]): search target modules first, then rank (powers of 2), then "

@@ -9,11 +9,11 @@ import streamlit as st
 import lora_core
 from lora_core.counting import matched_module_names
 from lora_core.strategies import compare_strategies, describe_targets
-from pages.common import CUSTOM, current, request_apply, show_count
+from pages.common import CUSTOM, page_state, request_apply, show_count
 
 BYTES = {"fp32": 4, "fp16/bf16": 2}
 
-state = current()
+state = page_state()
 settings = state.settings
 st.title("Target modules")
 st.write(

@@ -12,7 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
-PAGES = ["overview", "rank", "alpha", "targets", "dropout", "search"]
+PAGES = ["overview", "rank", "alpha", "targets", "dropout", "search", "export"]
 
 
 def open_page(name: str) -> AppTest:
@@ -48,7 +48,7 @@ def frame(at: AppTest, index: int = 0):
 def test_every_page_renders_with_its_title(name: str) -> None:
     at = open_page(name)
     titles = {"overview": "LoRA Explorer", "rank": "Rank", "alpha": "Alpha", "targets": "Target modules"}
-    titles |= {"dropout": "Dropout", "search": "Search spaces"}
+    titles |= {"dropout": "Dropout", "search": "Search spaces", "export": "Export"}
     assert at.title[0].value == titles[name]
     assert not at.error
 
@@ -141,3 +141,33 @@ def test_search_page_grid_sizes_and_download() -> None:
     assert len(table) == 4
     assert table["trainable_params"].tolist() == [4_194_304, 4_194_304, 8_388_608, 8_388_608]  # q,v at r=8, 16
     assert len(charts(at)[0]["data"]) == 1
+
+
+def test_export_page_shows_every_format_and_the_sidebar_download() -> None:
+    at = open_page("export")
+    codes = [c.value for c in at.code]
+    assert len(codes) == 5
+    peft = json.loads(codes[0])
+    assert peft["r"] == 16 and peft["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert "lora_r: 16" in codes[2] and "lora_rank: 16" in codes[3] and "get_peft_model" in codes[4]
+    at.slider(key="lx_r").set_value(8).run()
+    assert json.loads(at.code[0].value)["r"] == 8
+
+
+def test_link_parameters_preset_the_sidebar() -> None:
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.query_params.update({"model": "facebook/opt-125m", "r": "8", "targets": "Q,V"})
+    at.run()
+    assert not at.exception
+    assert at.slider(key="lx_r").value == 8
+    assert metric(at, "Trainable parameters") == "294,912"
+
+
+def test_bad_link_parameters_fall_back_with_a_notice() -> None:
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.query_params.update({"model": "nobody/nothing", "r": "abc", "dropout": "7"})
+    at.run()
+    assert not at.exception
+    notice = " ".join(w.value for w in at.sidebar.warning)
+    assert "model=nobody/nothing" in notice and "r=abc" in notice and "dropout=7" in notice
+    assert metric(at, "Trainable parameters") == "16,777,216"

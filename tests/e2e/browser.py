@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+LOGS = ROOT / "artifacts" / "logs"
 CHROMIUM = "/usr/lib/chromium/chromium"
 CHROMIUM_FLAGS = [
     "--headless",
@@ -49,13 +50,17 @@ def streamlit_server(port: int | None = None, env: dict[str, str] | None = None)
         "false",
     ]
     process_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    process = subprocess.Popen(command, cwd=ROOT, env=process_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # The server's output goes to a file: an unread pipe fills up and blocks the server.
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log_path = LOGS / f"streamlit-{port}.log"
+    log = log_path.open("w")
+    process = subprocess.Popen(command, cwd=ROOT, env=process_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"streamlit exited: {process.stdout.read().decode()[-2000:]}")
+                raise RuntimeError(f"streamlit exited: {log_path.read_text()[-2000:]}")
             with contextlib.suppress(OSError):
                 if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
                     break
@@ -69,6 +74,7 @@ def streamlit_server(port: int | None = None, env: dict[str, str] | None = None)
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
+        log.close()
 
 
 def wait_idle(page, timeout_ms: int = 60_000) -> None:
