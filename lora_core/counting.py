@@ -255,7 +255,10 @@ def normalised_peft_config(inv: Inventory, settings: LoraSettings):
             return config, problems
         config.target_modules = set(default)
     model = meta_model(inv.spec)
-    if get_checkpoint_conversion_mapping(inv.model_type) is not None:
+    # PEFT's transformers-5 conversion only rewrites configs of models with fused MoE expert
+    # parameters; skipping it elsewhere also skips building transformers' mapping cache (~0.13 s).
+    has_fused_experts = bool((inv.modules["kind"] == "param").any())
+    if has_fused_experts and get_checkpoint_conversion_mapping(inv.model_type) is not None:
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
 
         try:
