@@ -48,8 +48,17 @@ class RunManager:
         # `streamlit run` the parent's __main__ is the app script, which spawn would re-execute.
         self._ready_file = self.store.data_dir / f"worker-{os.getpid()}.ready"
         self._ready_file.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "lora_core.runner", str(self.store.data_dir), str(os.getpid()), str(self._ready_file)]
-        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": _pythonpath()})
+        command = [
+            sys.executable,
+            "-m",
+            "lora_core.runner",
+            str(self.store.data_dir),
+            str(os.getpid()),
+            str(self._ready_file),
+        ]
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": _pythonpath()}
+        )
 
     def wait_ready(self, timeout: float = 120) -> bool:
         """Block until the worker has its imports done (it then starts a run at once)."""
@@ -66,7 +75,9 @@ class RunManager:
         if problems:
             raise ValueError("; ".join(problems))
         label = name or f"r={settings.r} a={settings.lora_alpha:g} {describe(settings)} on {config.dataset}"
-        return self.store.create_run(label, config.model, config.dataset, settings.to_peft_dict(), dataclasses.asdict(config))
+        return self.store.create_run(
+            label, config.model, config.dataset, settings.to_peft_dict(), dataclasses.asdict(config)
+        )
 
     def cancel(self, run_id: int) -> None:
         """Stop a run after its current step, or drop it from the queue."""
@@ -94,9 +105,16 @@ class RunManager:
             for run_id in self.store.active_run_ids():
                 run = self.store.run(run_id)
                 if run and run["status"] == "running" and run.get("owner_pid") == self._process.pid:
-                    reason = "the training process was killed (out of memory?)" if code < 0 else f"the training process exited ({code})"
+                    reason = (
+                        "the training process was killed (out of memory?)"
+                        if code < 0
+                        else f"the training process exited ({code})"
+                    )
                     self.store.update_run(
-                        run_id, status="failed", finished=time.time(), error=f"{reason}: lower the batch size or sequence length"
+                        run_id,
+                        status="failed",
+                        finished=time.time(),
+                        error=f"{reason}: lower the batch size or sequence length",
                     )
             with self._lock:
                 self._start_worker()

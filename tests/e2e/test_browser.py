@@ -19,7 +19,9 @@ from browser import CHROMIUM, CHROMIUM_FLAGS, ROOT, streamlit_server, wait_idle
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing: `make test` installs Debian's chromium"),
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} missing: `make test` installs Debian's chromium"
+    ),
 ]
 SHOTS = ROOT / "artifacts" / "screenshots"
 PAGES = {"overview": "", "rank": "rank", "alpha": "alpha", "targets": "targets", "dropout": "dropout"}
