@@ -249,3 +249,20 @@ def test_embedded_smollm2_improves_on_a_builtin_task_in_30_steps(tmp_path) -> No
     assert result.status == "completed", result.error
     losses = dict(result.eval_losses)
     assert losses[30] < 0.5 * losses[0]  # before training vs after 30 steps, same 32 held-out examples
+
+
+def test_a_killed_worker_fails_its_run_and_a_fresh_worker_takes_over(tiny_model, manager) -> None:
+    import os
+    import signal
+
+    run_id = manager.submit(tiny_config(tiny_model, steps=5000, eval_every=5000), SETTINGS)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and manager.store.metrics([run_id]).query("kind == 'train'").empty:
+        time.sleep(0.05)
+    worker = manager.store.run(run_id)["owner_pid"]
+    os.kill(worker, signal.SIGKILL)  # what the kernel's OOM killer does
+    run = manager.wait(run_id, 60)
+    assert run["status"] == "failed" and "killed" in run["error"]
+    assert manager.wait_ready(120)
+    after = manager.wait(manager.submit(tiny_config(tiny_model, steps=3), SETTINGS), 180)
+    assert after["status"] == "completed"
