@@ -165,21 +165,21 @@ def _train_concatenated(fit, y, init_a, ranks: list[int], epochs: int, lr: float
     grad = torch.zeros_like(theta)
     grad_a, grad_b = grad[: a.numel()].view_as(a), grad[a.numel() :].view_as(b)
     adam = _Adam(theta, lr)
-    traces = torch.empty(epochs, 2, total, device=device, dtype=f64)  # per column: B M B^T, B A C^T
+    traces = torch.empty(epochs, total, device=device, dtype=f64)
     for step in range(epochs):
         # float64 where the loss terms (~||Y||^2, cancelling near the optimum) are formed
         a64, b64 = a.to(f64), b.to(f64)
         s_c_a = stats @ a64.T  # (d_in + d_out, R): [S A^T; C A^T]
         a_s, c_a = s_c_a[:d_in].T, s_c_a[d_in:]  # (R, d_in) = A S as S is symmetric; (d_out, R)
-        b_m = b64 @ (a_s @ a64.T).mul_(block)  # (d_out, R): B M
-        torch.sum(b_m * b64, 0, out=traces[step, 0])
-        torch.sum(c_a * b64, 0, out=traces[step, 1])
+        residual = (b64 @ (a_s @ a64.T).mul_(block)).sub_(c_a)  # (d_out, R): B M - C A^T
+        torch.mul(residual, 2 * scale, out=grad_b)
+        # per column of B: b.(B M - 2 C A^T), i.e. the loss minus ||Y||^2
+        torch.sum(residual.sub_(c_a).mul_(b64), 0, out=traces[step])
         c_and_b[:, d_in:] = b
         bt_c, bt_b = (b.T @ c_and_b).split([d_in, total], 1)  # (R, d_in), (R, R)
         torch.addmm(bt_c, bt_b.mul_(block32), a_s.to(f32), beta=-2 * scale, alpha=2 * scale, out=grad_a)
-        grad_b.copy_(b_m.sub_(c_a)).mul_(2 * scale)
         adam.step(grad)
-    losses = (traces[:, 0] - 2 * traces[:, 1]) @ one_hot + fit.yy  # (epochs, n_ranks)
+    losses = traces @ one_hot + fit.yy  # (epochs, n_ranks)
     return (losses * scale).cpu().numpy()
 
 
@@ -216,8 +216,6 @@ class _Adam:
 class _LeastSquaresFit:
     s: Any  # X^T X, float64 (d_in, d_in)
     c: Any  # Y^T X, float64 (d_out, d_in)
-    chol: Any  # L with S = L L^T
-    w_ols_chol: Any  # W_ols L, (d_out, d_in)
     residual: float  # ||Y - X W_ols^T||^2
     yy: float  # ||Y||^2
     fitted_singular: Any  # singular values of X W_ols^T, descending
@@ -235,13 +233,15 @@ def _least_squares(x, y) -> _LeastSquaresFit:
     jitter = 1e-10 * float(s.diagonal().mean())
     chol = torch.linalg.cholesky(s + jitter * torch.eye(d_in, dtype=s.dtype))
     w_ols = torch.cholesky_solve(c.T, chol).T  # (d_out, d_in): W_ols = C S^-1
-    yy = float((y64 * y64).sum())
+    yy = float(torch.linalg.vecdot(y64.reshape(-1), y64.reshape(-1)))
     # the fitted Y_hat = X W_ols^T has Gram W_ols S W_ols^T = W_ols C^T: its eigenvalues are the
-    # squared singular values of Y_hat
+    # squared singular values of Y_hat. As W_ols (S + jitter I) = C, the residual
+    # ||Y||^2 - 2 tr(W C^T) + tr(W S W^T) is ||Y||^2 - tr(W C^T) - jitter ||W||^2 (float64 keeps
+    # ~1e-11 of it at the article's sizes, where it is ~1e-5 of ||Y||^2)
     gram = w_ols @ c.T
     eig = torch.linalg.eigvalsh((gram + gram.T) / 2).clamp_min(0).flip(0)
-    residual = float(((y64 - x64 @ w_ols.T) ** 2).sum())
-    return _LeastSquaresFit(s, c, chol, w_ols @ chol, residual, yy, eig.sqrt())
+    residual = max(yy - float(gram.trace()) - jitter * float(w_ols.square().sum()), 0.0)
+    return _LeastSquaresFit(s, c, residual, yy, eig.sqrt())
 
 
 def article_rank_loop(
