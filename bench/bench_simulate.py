@@ -56,7 +56,9 @@ def main() -> None:
     print(f"article loop (sequential, shared target): {article_s:.3f} s")
     print(f"batched engine (+ closed-form floors):     {engine_s:.3f} s")
     print(f"speed-up: {article_s / engine_s:.1f}x best-of (goal >= 10x)")
-    print(f"per-round speed-ups: {', '.join(f'{r:.1f}x' for r in round_ratios)}; median {statistics.median(round_ratios):.1f}x")
+    print(
+        f"per-round speed-ups: {', '.join(f'{r:.1f}x' for r in round_ratios)}; median {statistics.median(round_ratios):.1f}x"
+    )
     print(f"largest relative loss difference over all {len(merged)} (rank, epoch) points: {relative:.2e}")
     final = engine.groupby("rank").agg(loss=("loss", "last"), floor=("floor", "first"))
     print(final.to_string())
