@@ -80,23 +80,29 @@ def minimal_targets(chosen: list[str], all_names: list[str]) -> tuple[str, ...] 
     if not chosen:
         return ()
     chosen_set = set(chosen)
-    others = [n for n in all_names if n and n not in chosen_set]
+    # every dotted suffix of every other module: a suffix list matches exactly `chosen` when no
+    # suffix in it is one of these (PEFT matches `name == key or name.endswith("." + key)`)
+    taken = set()
+    for other in all_names:
+        if other and other not in chosen_set:
+            parts = other.split(".")
+            taken.update(".".join(parts[-size:]) for size in range(1, len(parts) + 1))
     suffixes = set()
     for name in chosen:
-        suffix = _unique_suffix(name, others)
+        suffix = _unique_suffix(name, taken)
         if suffix is None:
             return _regex_for(chosen, all_names)
         suffixes.add(suffix)
     return tuple(sorted(suffixes))
 
 
-def _unique_suffix(name: str, others: list[str]) -> str | None:
+def _unique_suffix(name: str, taken: set[str]) -> str | None:
     parts = name.split(".")
     for size in range(1, len(parts) + 1):
         if parts[-size].isdigit():
             return None
         suffix = ".".join(parts[-size:])
-        if not any(o == suffix or o.endswith(f".{suffix}") for o in others):
+        if suffix not in taken:
             return suffix
     return None
 

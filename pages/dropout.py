@@ -6,15 +6,17 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from lora_core.guidelines import dropout_advice
-from lora_core.simulate import simulate_dropout
-from pages.common import page_state, show_count, simulation_device
+from lora_core.simulate import dropout_histogram, simulate_dropout
+from pages.common import add_markers, hline, page_state, show_count, simulation_device
 
 RATES = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5]
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def cached_dropout(d: int, rank: int, rates: tuple[float, ...], passes: int):
-    return simulate_dropout(d_in=d, d_out=d, rank=rank, dropout_rates=rates, num_forward=passes)
+    """The statistics and the binned outputs: only the bins reach the browser."""
+    stats, samples = simulate_dropout(d_in=d, d_out=d, rank=rank, dropout_rates=rates, num_forward=passes)
+    return stats, dropout_histogram(samples)
 
 
 state = page_state()
@@ -38,12 +40,13 @@ rates = st.multiselect("Dropout rates", sorted({*RATES, *defaults}), default=def
 if not rates:
     st.error("Pick at least one dropout rate.")
     st.stop()
-stats, samples = cached_dropout(dim, rank, tuple(sorted(rates)), passes)
+stats, bins = cached_dropout(dim, rank, tuple(sorted(rates)), passes)
 
 histogram = go.Figure()
-for rate, group in samples.groupby("dropout"):
-    histogram.add_trace(go.Histogram(x=group["value"], name=f"p={rate:g}", opacity=0.55, nbinsx=80))
-histogram.update_layout(barmode="overlay", xaxis_title="LoRA branch output", yaxis_title="count", height=420)
+width = float(bins["right"].iloc[0] - bins["left"].iloc[0])
+for rate, group in bins.groupby("dropout"):
+    histogram.add_trace(go.Bar(x=group["center"], y=group["count"], width=width, name=f"p={rate:g}", opacity=0.55))
+histogram.update_layout(barmode="overlay", bargap=0, xaxis_title="LoRA branch output", yaxis_title="count", height=420)
 st.plotly_chart(histogram, key="lx_drop_hist")
 st.caption(
     f"{passes:,} forward passes of one input per rate, all in one vectorised tensor program ({simulation_device()})."
@@ -54,7 +57,7 @@ st.dataframe(stats, hide_index=True, key="lx_drop_stats")
 
 st.subheader("Expected active rank r(1-p)")
 active = go.Figure(go.Bar(x=[f"p={p:g}" for p in stats["dropout"]], y=stats["expected_active_rank"]))
-active.add_hline(y=4, line_dash="dot", annotation_text="4 components")
+add_markers(active, hline(4, "4 components"))
 active.update_layout(yaxis_title="active rank components", height=320)
 st.plotly_chart(active, key="lx_drop_active")
 st.caption(

@@ -10,7 +10,7 @@ from lora_core.counting import rank_curve
 from lora_core.guidelines import RANK_BANDS, rank_band
 from lora_core.simulate import reconstruction_error, simulate_rank_sweep
 from lora_core.strategies import STRATEGIES, resolve_strategy
-from pages.common import page_state, show_count, simulation_device
+from pages.common import add_markers, page_state, show_count, simulation_device, vband, vline
 
 RANKS = list(range(1, 257))
 SIM_RANK_CHOICES = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
@@ -63,15 +63,11 @@ for model_id in [state.spec.model_id, *compare]:
         continue
     y = curve["percent"] if as_percent else curve["trainable_params"]
     figure.add_trace(go.Scatter(x=curve["rank"], y=y, mode="lines", name=model_id))
-for low, high, _label in RANK_BANDS:
-    band = f"{low}-{high}" if high > low else f"{low}+"
-    figure.add_vrect(
-        x0=low, x1=high if high > low else 260, opacity=0.08, line_width=0, annotation_text=band,
-        annotation_position="top left",
-    )  # fmt: skip
-figure.add_vline(
-    x=state.settings.r, line_dash="dot", annotation_text=f"r={state.settings.r}", annotation_position="bottom right"
-)
+bands = [
+    vband(low, high if high > low else 260, f"{low}-{high}" if high > low else f"{low}+")
+    for low, high, _label in RANK_BANDS
+]
+add_markers(figure, *bands, vline(state.settings.r, f"r={state.settings.r}"))
 figure.update_layout(
     xaxis_title="rank r",
     yaxis_title="% of all parameters" if as_percent else "trainable parameters",
@@ -142,7 +138,7 @@ st.caption(f"Simulations run on {simulation_device()}.")
 st.subheader("Reconstruction error against rank (SVD)")
 error = cached_reconstruction(d_in, true_rank, 64)
 error_chart = go.Figure(go.Scatter(x=error["rank"], y=error["error"], mode="lines+markers"))
-error_chart.add_vline(x=true_rank, line_dash="dot", annotation_text=f"true rank {true_rank}")
+add_markers(error_chart, vline(true_rank, f"true rank {true_rank}", "top right"))
 error_chart.update_layout(xaxis_title="approximation rank", yaxis_title="relative Frobenius error", height=360)
 st.plotly_chart(error_chart, key="lx_rank_svd_chart")
 st.caption("Best rank-r approximation of the rank-k target (Eckart-Young): the error is ~0 from r = k on.")

@@ -125,6 +125,8 @@ def test_dropout_page_statistics_follow_the_sliders() -> None:
     assert frame(at, 0)["std"].tolist() != before
     histogram = charts(at)[0]
     assert len(histogram["data"]) == len(stats)
+    # binned on the server: each rate's bars hold all 1,000 passes x 256 outputs
+    assert all(sum(values(trace["y"])) == 1000 * 256 for trace in histogram["data"])
 
 
 def test_dropout_page_warns_for_low_rank_with_dropout() -> None:

@@ -10,6 +10,7 @@ import torch
 from lora_core.simulate import (
     alpha_output_stats,
     article_rank_loop,
+    dropout_histogram,
     make_rank_task,
     pick_device,
     rank_floors,
@@ -111,6 +112,20 @@ def test_dropout_spread_is_zero_without_dropout_and_grows_with_it() -> None:
     # inverted dropout keeps the mean: the average output matches the no-dropout output
     means = samples.groupby("dropout")["value"].mean()
     assert means.loc[0.2] == pytest.approx(means.loc[0.0], abs=0.02)
+
+
+def test_dropout_histogram_bins_every_sample_on_shared_edges() -> None:
+    _, samples = simulate_dropout(rank=8, dropout_rates=(0.0, 0.3), num_forward=300, d_in=64, d_out=64)
+    bins = dropout_histogram(samples, bins=40)
+    per_rate = bins.groupby("dropout")
+    assert per_rate["count"].sum().tolist() == [300 * 64, 300 * 64]
+    assert per_rate["left"].apply(list).loc[0.0] == per_rate["left"].apply(list).loc[0.3]
+    assert bins["left"].min() == samples["value"].min() and bins["right"].max() == samples["value"].max()
+    # dropout widens the spread: p=0.3 puts samples in bins p=0 leaves empty
+    occupied = per_rate.apply(lambda g: int((g["count"] > 0).sum()))
+    assert occupied.loc[0.3] > occupied.loc[0.0]
+    with pytest.raises(ValueError):
+        dropout_histogram(samples, bins=0)
 
 
 def test_dropout_matches_the_articles_range_at_p0() -> None:
