@@ -72,6 +72,27 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(export)
     export.set_defaults(handler=_cmd_export)
 
+    memory = commands.add_parser("memory", help="peak training memory of a LoRA config, term by term, and what fits")
+    memory.add_argument("--model", required=True, help="catalogue id, Hub id, model folder or config.json path")
+    memory.add_argument("--lora", help="adapter_config.json with the LoRA settings (default: r=8 on q_proj,v_proj)")
+    _add_settings_flags(memory)
+    memory.add_argument("--batch", type=int, default=4, help="per-device batch size")
+    memory.add_argument("--seq", type=int, default=1024, help="tokens per sequence (padded length)")
+    memory.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="base weights/activations")
+    memory.add_argument("--qlora", action="store_true", help="4-bit NF4 base weights (bitsandbytes, double quant)")
+    memory.add_argument("--int8", action="store_true", help="LLM.int8 base weights (bitsandbytes)")
+    memory.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantisation")
+    memory.add_argument("--grad-checkpointing", action="store_true")
+    memory.add_argument("--optimizer", choices=("adamw", "adamw_8bit", "sgd", "sgd_momentum"), default="adamw")
+    memory.add_argument("--attention", choices=("sdpa", "flash_attention_2", "eager"), default="sdpa")
+    memory.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    memory.add_argument("--eval-batch", type=int, help="add an evaluation pass with this batch size")
+    memory.add_argument("--adapter-dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    memory.add_argument("--no-autocast", action="store_true", help="a 16-bit model trained without autocast")
+    memory.add_argument("--fits", action="store_true", help="also list the largest batch/sequence per GPU size")
+    memory.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    memory.set_defaults(handler=_cmd_memory)
+
     train = commands.add_parser("train", help="a short LoRA fine-tuning run, written to the run store")
     train.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), a Hub id or a folder")
     train.add_argument(
@@ -239,6 +260,67 @@ def _count_table(result, label: str | None, all_modules: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cmd_memory(args: argparse.Namespace) -> int:
+    from lora_core.counting import count_lora_params
+    from lora_core.memory import GIB, TrainSetup, estimate_memory, fits_table
+    from lora_core.models import inventory, resolve_model
+    from lora_core.settings import LoraSettings
+
+    if args.qlora and args.int8:
+        raise _BadInput("--qlora and --int8 exclude each other: pick one quantisation")
+    base = (
+        _load_lora_file(args.lora)
+        if args.lora
+        else LoraSettings(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"))
+    )
+    settings = settings_from_args(args, base)
+    setup = TrainSetup(
+        batch_size=args.batch,
+        seq_len=args.seq,
+        dtype=args.dtype,
+        quantization="nf4" if args.qlora else ("int8" if args.int8 else "none"),
+        double_quant=not args.no_double_quant,
+        optimizer=args.optimizer,
+        gradient_checkpointing=args.grad_checkpointing,
+        attention=args.attention,
+        device=args.device,
+        eval_batch_size=args.eval_batch,
+        adapter_dtype="fp32" if args.dtype == "fp32" else args.adapter_dtype,
+        autocast=not args.no_autocast,
+    )
+    inv = inventory(resolve_model(args.model))
+    count = count_lora_params(inv, settings)
+    estimate = estimate_memory(inv, settings, setup, count)
+    fits = fits_table(inv, settings, setup, count=count) if args.fits else None
+    if args.json:
+        payload = estimate.to_dict()
+        if fits is not None:
+            payload["fits"] = fits.to_dict(orient="records")
+        print(json.dumps(payload, indent=2))
+        return 0
+    table = estimate.table()
+    table["GiB"] = table["GiB"].map(lambda v: f"{v:8.3f}")
+    lines = [
+        f"model       {estimate.model_id}",
+        f"setup       batch {setup.batch_size} x seq {setup.seq_len}, {setup.dtype}"
+        + (f", {setup.quantization}" if setup.quantization != "none" else "")
+        + (", gradient checkpointing" if setup.gradient_checkpointing else "")
+        + f", {setup.optimizer}, {setup.attention}, {setup.device}",
+        f"trainable   {count.trainable_params:,}",
+        "",
+        table[["term", "GiB", "formula"]].to_string(index=False),
+        "",
+        f"peak ({estimate.phase})  {estimate.peak_bytes / GIB:.2f} GiB"
+        + ("  (max_memory_allocated)" if setup.device == "cuda" else "  (peak RSS)"),
+        f"needs       {estimate.required_bytes / GIB:.2f} GiB on the device",
+    ]
+    lines += [f"note: {note}" for note in estimate.notes]
+    if fits is not None:
+        lines += ["", fits.to_string(index=False, float_format=lambda v: f"{v:.1f}")]
+    print("\n".join(lines))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from lora_core.export import export
     from lora_core.models import inventory, resolve_model
@@ -292,7 +374,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not primary:
         return 0 if result.status in ("completed", "cancelled") else 1
     if args.json:
-        print(json.dumps({**result.to_dict(), "store": str(store.path), "adapter_dir": run.get("adapter_dir")}))
+        memory = {key: run.get(key) for key in ("peak_memory_mb", "memory_estimate_mb", "longest_seq")}
+        print(
+            json.dumps({**result.to_dict(), **memory, "store": str(store.path), "adapter_dir": run.get("adapter_dir")})
+        )
     else:
         progress.join(timeout=2)
         print(f"\nrun {run_id}: {result.status}" + (f" ({result.error})" if result.error else ""))
@@ -300,6 +385,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(
                 f"eval loss {result.eval_losses[0][1]:.4f} -> {result.eval_losses[-1][1]:.4f}; {result.tokens_per_s:,.0f} tokens/s"
             )
+        if run.get("peak_memory_mb"):
+            line = f"peak memory {run['peak_memory_mb']:,.0f} MiB"
+            if run.get("memory_estimate_mb"):
+                error = run["memory_estimate_mb"] / run["peak_memory_mb"] - 1
+                line += f" (estimate {run['memory_estimate_mb']:,.0f} MiB, {error:+.1%})"
+            print(line)
         if run.get("adapter_dir"):
             print(f"adapter: {run['adapter_dir']}")
     return 0 if result.status in ("completed", "cancelled") else 1

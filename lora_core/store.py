@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS runs (
     final_train_loss REAL,
     final_eval_loss REAL,
     peak_memory_mb REAL,
+    memory_estimate_mb REAL,
+    longest_seq INTEGER,
     adapter_dir TEXT,
     owner_pid INTEGER,
     cancel_requested INTEGER NOT NULL DEFAULT 0
@@ -58,6 +60,8 @@ CREATE TABLE IF NOT EXISTS metrics (
     PRIMARY KEY (run_id, kind, step)
 );
 """
+
+_ADDED_COLUMNS = {"memory_estimate_mb": "REAL", "longest_seq": "INTEGER"}
 
 
 def default_data_dir() -> Path:
@@ -83,6 +87,10 @@ class Store:
         with closing(store._connect()) as db, db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            have = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
+            for column, kind in _ADDED_COLUMNS.items():  # stores written before these columns existed
+                if column not in have:
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
         store.mark_orphans_interrupted()
         return store
 

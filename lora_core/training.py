@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -272,16 +273,21 @@ def _train(
     # every example the run will see, once: steps x batch (the Trainer shuffles them)
     train = tokenize_examples(dataset.train[: config.steps * config.batch_size], tokenizer, config.seq_len)
     evaluation = tokenize_examples(dataset.eval[: config.eval_examples], tokenizer, config.seq_len)
+    longest = max((len(example["input_ids"]) for example in [*train, *evaluation]), default=config.seq_len)
+    eval_batch = max(config.batch_size, 8)
+    estimate_mb = run_memory_estimate_mb(model, settings, config.batch_size, longest, eval_batch, device)
     peft_model = get_peft_model(model, copy.deepcopy(settings.to_peft_config()))
     trainable, total = peft_model.get_nb_trainable_parameters()
-    store.update_run(run_id, trainable_params=trainable, all_params=total)
+    store.update_run(
+        run_id, trainable_params=trainable, all_params=total, memory_estimate_mb=estimate_mb, longest_seq=longest
+    )
     callback = _callback_class()(store, run_id, cancel)
     with _scratch_dir() as scratch:
         args = TrainingArguments(
             output_dir=scratch,
             max_steps=config.steps,
             per_device_train_batch_size=config.batch_size,
-            per_device_eval_batch_size=max(config.batch_size, 8),
+            per_device_eval_batch_size=eval_batch,
             learning_rate=config.learning_rate,
             lr_scheduler_type="constant_with_warmup",
             warmup_steps=min(5, config.steps // 10),
@@ -348,11 +354,47 @@ def _finish(
     return base
 
 
+def run_memory_estimate_mb(model, settings: LoraSettings, batch: int, seq: int, eval_batch: int, device: str):
+    """`lora_core.memory`'s peak estimate for this run, from the loaded model's own config (its
+    longest example as the sequence length: batches are padded to their longest); None when the
+    estimator cannot take the model."""
+    import torch
+
+    from lora_core.memory import TrainSetup, estimate_memory
+    from lora_core.models import inventory, spec_from_text
+
+    try:
+        spec = spec_from_text(
+            model.config.to_json_string(use_diff=False), getattr(model, "name_or_path", "") or "model", "local"
+        )
+        setup = TrainSetup(
+            batch_size=batch,
+            seq_len=seq,
+            dtype="bf16" if _dtype(device) == torch.bfloat16 else "fp32",
+            device="cuda" if device.startswith("cuda") else "cpu",
+            attention=_attention_of(model),
+            eval_batch_size=eval_batch,
+        )
+        return estimate_memory(inventory(spec), settings, setup).peak_bytes / 2**20
+    except Exception:  # an estimate is a nicety: it never stops a run
+        return None
+
+
+def _attention_of(model) -> str:
+    name = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    return name if name in ("sdpa", "eager", "flash_attention_2") else "sdpa"
+
+
 def _track_peak_memory_reset(device: str) -> None:
+    """Start this run's peak: CUDA's counters, or the process's RSS high-water mark (Linux lets a
+    process reset VmHWM; elsewhere the lifetime peak of the worker is what there is)."""
     import torch
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -363,6 +405,12 @@ def _peak_memory_mb(device: str) -> float:
 
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
