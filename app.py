@@ -21,6 +21,7 @@ PAGES = [
     st.Page("pages/targets.py", title="Target modules", icon=":material/target:"),
     st.Page("pages/dropout.py", title="Dropout", icon=":material/casino:"),
     st.Page("pages/search.py", title="Search spaces", icon=":material/explore:"),
+    st.Page("pages/memory.py", title="Memory", icon=":material/memory:"),
     st.Page("pages/finetune.py", title="Fine-tune", icon=":material/model_training:"),
     st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ]

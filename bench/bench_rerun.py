@@ -26,7 +26,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import tests.conftest  # noqa: E402,F401  (offline Hub, and AppTest reruns through st.navigation as the server does)
 
-PAGES = ["overview", "rank", "alpha", "targets", "dropout", "search", "export"]
+PAGES = ["overview", "rank", "alpha", "targets", "dropout", "search", "memory", "export"]
 RANKS = [8, 32, 64, 16]  # each visited twice: the first visit warms the counting plan for that r
 BUDGET_MS = 300.0
 

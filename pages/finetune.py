@@ -185,7 +185,7 @@ col2.toggle("Log scale", key="lx_train_log")
 st.fragment(run_every=1.0 if active_now else None)(live)()
 
 st.subheader("Runs")
-runs = store.runs()
+runs = runs_now
 if runs.empty:
     st.caption("No runs yet: press Start.")
     st.stop()
@@ -201,10 +201,21 @@ table = runs[
         "final_train_loss",
         "final_eval_loss",
         "device",
+        "peak_memory_mb",
+        "memory_estimate_mb",
         "error",
     ]
-]
-st.dataframe(table, hide_index=True, key="lx_runs_table")
+].assign(estimate_error=(runs["memory_estimate_mb"] / runs["peak_memory_mb"] - 1) * 100)
+st.dataframe(
+    table,
+    hide_index=True,
+    key="lx_runs_table",
+    column_config={
+        "peak_memory_mb": st.column_config.NumberColumn("peak MiB (measured)", format="%.0f"),
+        "memory_estimate_mb": st.column_config.NumberColumn("peak MiB (estimated)", format="%.0f"),
+        "estimate_error": st.column_config.NumberColumn("estimate error %", format="%+.1f"),
+    },
+)
 ids = runs["id"].tolist()
 st.multiselect(
     "Overlay runs", ids, default=[r for r in st.session_state.get("lx_overlay", []) if r in ids],
@@ -232,6 +243,20 @@ if col3.button("Delete", key="lx_delete"):
         st.rerun()
     except ValueError as error:
         st.error(str(error))
+if run.get("peak_memory_mb"):
+    kind = "max allocated" if str(run.get("device") or "").startswith("cuda") else "peak RSS"
+    col1, col2 = st.columns(2)
+    col1.metric(f"Measured peak ({kind})", f"{run['peak_memory_mb']:,.0f} MiB")
+    if run.get("memory_estimate_mb"):
+        error = run["memory_estimate_mb"] / run["peak_memory_mb"] - 1
+        col2.metric(
+            "Estimated peak",
+            f"{run['memory_estimate_mb']:,.0f} MiB",
+            f"{error:+.1%} vs measured",
+            delta_color="off",
+            help=f"lora_core.memory for this run's batch, its longest example ({run.get('longest_seq')} tokens) "
+            "and its evaluation batch",
+        )
 with st.expander("Settings of this run"):
     st.json({"lora": run["settings"], "training": run["config"]})
 if run["status"] in ("completed", "cancelled") and run.get("adapter_dir"):

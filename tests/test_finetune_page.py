@@ -76,6 +76,11 @@ def test_start_stream_and_finish(page: AppTest, tiny_model: Path) -> None:
     assert runs["status"].tolist() == ["completed"]
     assert runs["final_eval_loss"].iloc[0] > 0
     assert page.get("download_button")  # the adapter zip
+    # the run's measured peak sits next to the estimate for that run
+    assert runs["peak_memory_mb"].iloc[0] > 0 and runs["memory_estimate_mb"].iloc[0] > 0
+    labels = {m.label: m for m in page.metric}
+    assert labels["Measured peak (peak RSS)"].value.endswith("MiB")
+    assert "vs measured" in labels["Estimated peak"].proto.delta
 
 
 def test_cancel_a_running_run(page: AppTest, tiny_model: Path) -> None:

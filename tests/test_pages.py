@@ -12,7 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
-PAGES = ["overview", "rank", "alpha", "targets", "dropout", "search", "export"]
+PAGES = ["overview", "rank", "alpha", "targets", "dropout", "search", "memory", "export"]
 
 
 def open_page(name: str) -> AppTest:
@@ -48,7 +48,7 @@ def frame(at: AppTest, index: int = 0):
 def test_every_page_renders_with_its_title(name: str) -> None:
     at = open_page(name)
     titles = {"overview": "LoRA Explorer", "rank": "Rank", "alpha": "Alpha", "targets": "Target modules"}
-    titles |= {"dropout": "Dropout", "search": "Search spaces", "export": "Export"}
+    titles |= {"dropout": "Dropout", "search": "Search spaces", "memory": "Memory", "export": "Export"}
     assert at.title[0].value == titles[name]
     assert not at.error
 
@@ -127,6 +127,38 @@ def test_dropout_page_statistics_follow_the_sliders() -> None:
     assert len(histogram["data"]) == len(stats)
     # binned on the server: each rate's bars hold all 1,000 passes x 256 outputs
     assert all(sum(values(trace["y"])) == 1000 * 256 for trace in histogram["data"])
+
+
+def test_memory_page_follows_the_setup_and_the_sidebar() -> None:
+    at = open_page("memory")
+    peak = lambda: float(metric(at, "Peak (train)").split()[0])  # noqa: E731
+    terms = frame(at, 0).set_index("term")
+    assert {"base weights", "LoRA parameters", "activations: base layers", "logits and loss"} <= set(terms.index)
+    bar = charts(at)[0]
+    assert sum(values(trace["y"])[0] for trace in bar["data"]) == pytest.approx(terms["GiB"].sum(), rel=1e-6)
+    first = peak()
+    at.number_input(key="lx_mem_batch").set_value(8).run()
+    assert peak() > first
+    at.toggle(key="lx_mem_checkpointing").set_value(True).run()
+    checkpointed = peak()
+    assert checkpointed < first
+    at.selectbox(key="lx_mem_quant").set_value("nf4").run()
+    assert peak() < checkpointed and "base weights: 4-bit NF4 layers" in frame(at, 0)["term"].tolist()
+    fits = frame(at, 1)
+    assert fits["GPU GiB"].tolist() == [24, 40, 48, 80, 141]
+    strategies = frame(at, 2).set_index("strategy")
+    assert strategies.loc["All linear", "required GiB"] > strategies.loc["Q,V", "required GiB"]
+    before = peak()
+    at.slider(key="lx_r").set_value(128).run()  # the sidebar's rank reaches the estimate
+    assert peak() > before
+
+
+def test_memory_page_refuses_a_bad_setup_in_one_line_and_keeps_it() -> None:
+    at = open_page("memory")
+    at.selectbox(key="lx_mem_quant").set_value("nf4")
+    at.radio(key="lx_mem_device").set_value("cpu").run()
+    assert len(at.error) == 1 and "needs device 'cuda'" in at.error[0].value
+    assert at.selectbox(key="lx_mem_quant").value == "nf4"  # nothing the user chose is lost
 
 
 def test_dropout_page_warns_for_low_rank_with_dropout() -> None:

@@ -25,7 +25,7 @@ pytestmark = [
 ]
 SHOTS = ROOT / "artifacts" / "screenshots"
 PAGES = {"overview": "", "rank": "rank", "alpha": "alpha", "targets": "targets", "dropout": "dropout"}
-PAGES |= {"search": "search", "finetune": "finetune", "export": "export"}
+PAGES |= {"search": "search", "memory": "memory", "finetune": "finetune", "export": "export"}
 
 
 @pytest.fixture(scope="module")
