@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from lora_core.memory import GIB, GPUS_GIB, MemorySetupError, TrainSetup, estimate_memory, fits_table, strategy_table
-from pages.common import add_markers, hline, page_state, show_count
+from pages.common import add_markers, hline, page_state, show_count, vline
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -102,21 +102,20 @@ for note in estimate.notes:
 table = estimate.table()
 bar = go.Figure()
 for row in table.itertuples(index=False):
-    bar.add_trace(go.Bar(x=["estimate"], y=[row.GiB], name=row.term, hovertext=row.formula))
-bar.update_layout(barmode="stack", yaxis_title="GiB", height=460, legend={"traceorder": "normal"})
+    bar.add_trace(go.Bar(y=["estimate"], x=[row.GiB], name=row.term, hovertext=row.formula, orientation="h"))
+bar.update_layout(
+    barmode="stack", xaxis_title="GiB", height=300, legend={"orientation": "h", "y": -0.35}, margin={"t": 30}
+)
 if setup.device == "cuda":
     visible = [gib for gib in GPUS_GIB if gib <= max(estimate.required_bytes / GIB * 1.6, 24)]
-    add_markers(bar, *(hline(gib, f"{gib} GiB") for gib in visible))
-chart, breakdown = st.columns([1, 2])
-with chart:
-    st.plotly_chart(bar, key="lx_mem_bar")
-with breakdown:
-    st.dataframe(
-        table[["term", "GiB", "formula"]],
-        hide_index=True,
-        key="lx_mem_table",
-        column_config={"GiB": st.column_config.NumberColumn(format="%.3f")},
-    )
+    add_markers(bar, *(vline(gib, f"{gib} GiB", "top right") for gib in visible))
+st.plotly_chart(bar, key="lx_mem_bar")
+st.dataframe(
+    table[["term", "GiB", "formula"]],
+    hide_index=True,
+    key="lx_mem_table",
+    column_config={"GiB": st.column_config.NumberColumn(format="%.3f")},
+)
 
 st.subheader("Fits on")
 if setup.device == "cpu":

@@ -135,7 +135,7 @@ def test_memory_page_follows_the_setup_and_the_sidebar() -> None:
     terms = frame(at, 0).set_index("term")
     assert {"base weights", "LoRA parameters", "activations: base layers", "logits and loss"} <= set(terms.index)
     bar = charts(at)[0]
-    assert sum(values(trace["y"])[0] for trace in bar["data"]) == pytest.approx(terms["GiB"].sum(), rel=1e-6)
+    assert sum(values(trace["x"])[0] for trace in bar["data"]) == pytest.approx(terms["GiB"].sum(), rel=1e-6)
     first = peak()
     at.number_input(key="lx_mem_batch").set_value(8).run()
     assert peak() > first

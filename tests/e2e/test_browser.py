@@ -106,6 +106,8 @@ def test_catalogue_model_pick(server, page) -> None:
 def test_every_page_opens_without_an_exception_and_is_captured(server, page, name: str) -> None:
     open_url(page, f"{server}/{PAGES[name]}")
     page.wait_for_timeout(1500)  # let charts and tables paint
+    wait_idle(page, 120_000)  # a page may rerun once (query-param sync) before it settles
+    page.wait_for_timeout(1000)
     assert page.locator("[data-testid='stException']").count() == 0
     assert page.locator("h1").first.inner_text().strip()
     SHOTS.mkdir(parents=True, exist_ok=True)
