@@ -305,9 +305,16 @@ def parse_targets(text: str) -> tuple[str, ...] | str:
 
 def page_state() -> Current:
     """`current()` for a page file. The first run in a fresh server can reach a page file directly
-    (Streamlit's legacy pages/ folder path, before app.py's `st.navigation` has run once); the page
-    then sets up the shared state and sidebar itself."""
+    (Streamlit's legacy pages/ folder dispatch, before app.py's `st.navigation` has run once, e.g.
+    a shared link to /memory): that run hands over to app.py, whose navigation then serves the same
+    URL; should the hand-over not happen, the page sets up the shared state and sidebar itself."""
     if "lx_spec" not in st.session_state:
+        from streamlit.runtime.pages_manager import PagesManager
+
+        if PagesManager.uses_pages_directory:
+            # What `st.navigation` sets once it runs: every run after this one executes app.py
+            PagesManager.uses_pages_directory = False
+            st.rerun()
         init_state()
         render_sidebar()
     return current()

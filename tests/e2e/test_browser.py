@@ -173,3 +173,19 @@ def test_short_fine_tuning_run_draws_points(server, page, tiny_model) -> None:
     page.wait_for_timeout(1000)
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "finetune-run.png"), full_page=True)
+
+
+def test_a_deep_link_is_the_first_request_of_a_fresh_server(browser, tmp_path) -> None:
+    """Streamlit dispatches the first run of a server with a pages/ folder to the page file alone
+    (its legacy mode); the app hands over to app.py's navigation, so a shared link to a page still
+    gets the app's sidebar, pages and settings from the link."""
+    with streamlit_server(env={"LORA_EXPLORER_DATA": str(tmp_path / "data")}) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        open_url(page, f"{url}/memory?model=facebook/opt-125m&r=12")
+        page.wait_for_timeout(1500)
+        wait_idle(page, 120_000)
+        nav = page.locator("[data-testid='stSidebarNav']").inner_text()
+        assert "Search spaces" in nav and "Fine-tune" in nav and "common" not in nav  # app titles, not file names
+        assert page.locator("h1").first.inner_text().strip() == "Memory"
+        assert "Current: facebook/opt-125m" in page.inner_text("[data-testid='stSidebar']")
+        page.close()
