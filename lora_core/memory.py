@@ -70,7 +70,9 @@ class TrainSetup:
     "int8" LLM.int8. `eval_batch_size`, when set, adds an evaluation pass (no gradients) whose
     peak can exceed training's at small training batches. `adapter_dtype` is the adapters' storage
     (PEFT upcasts them to fp32 unless `autocast_adapter_dtype=False`); `autocast` is mixed
-    precision as the Trainer's `bf16=True`/`fp16=True` runs it (ignored for fp32)."""
+    precision as the Trainer's `bf16=True`/`fp16=True` runs it (ignored for fp32). `padded`: batches
+    padded to their longest carry an attention mask, which makes transformers' SDPA expand k and v
+    to every head and keep a seq x seq mask per layer (packed or equal-length batches have none)."""
 
     batch_size: int = 4
     seq_len: int = 1024
@@ -84,6 +86,7 @@ class TrainSetup:
     eval_batch_size: int | None = None
     adapter_dtype: str = "fp32"
     autocast: bool = True
+    padded: bool = True
 
     def problems(self) -> list[str]:
         found = []
@@ -91,7 +94,10 @@ class TrainSetup:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 found.append(f"`{name}` must be a positive integer, got {value!r}")
-        if self.eval_batch_size is not None and (not isinstance(self.eval_batch_size, int) or self.eval_batch_size < 1):
+        eval_batch = self.eval_batch_size
+        if eval_batch is not None and (
+            not isinstance(eval_batch, int) or isinstance(eval_batch, bool) or eval_batch < 1
+        ):
             found.append(f"`eval_batch_size` must be a positive integer or None, got {self.eval_batch_size!r}")
         for name, allowed in (
             ("dtype", DTYPES),
@@ -111,6 +117,8 @@ class TrainSetup:
             found.append("`adapter_dtype` must be fp32 when the base is fp32")
         if self.attention == "flash_attention_2" and self.dtype == "fp32":
             found.append("`attention` flash_attention_2 needs bf16 or fp16")
+        if self.attention == "flash_attention_2" and self.device != "cuda":
+            found.append("`attention` flash_attention_2 needs device 'cuda'")
         return found
 
     def checked(self) -> TrainSetup:
@@ -201,6 +209,7 @@ class _Shape:
     mlp_saves: int  # T x width tensors the MLP keeps: 3 gated, 1 plain, 4 for GPT-2's Python gelu_new
     fused_qkv: bool  # one qkv projection: its output is kept beside the kernel's q, k, v copies
     routed: int  # experts a token visits (top-k) for MoE, 0 for dense
+    experts: int  # experts per MoE layer, 0 for dense
     norms: int  # norms per layer on the hidden size
     norm_upcast: bool  # RMSNorm-style float32 upcast of the saved input
     vocab: int
@@ -234,27 +243,29 @@ def estimate_memory(
     first = _cached(("first", *lora_key), lambda: _first_adapted(count))
     tracked_layers, prefix = shape.layers, 0
     if first is not None:  # layers before the first adapter need no gradient and save nothing
-        tracked_layers = shape.layers - first[0]
-        prefix = _untracked_prefix(shape, parts, first[1])
-    per_token = _cached(("lora", *lora_key), lambda: _lora_activation_bytes(count, settings, setup, 1))
-    lora_per_layer = {layer: value * tokens for layer, value in per_token.items()}
+        tracked_layers = max(shape.layers - first[0], 0)
+        prefix = _untracked_prefix(shape, parts, first[1]) if tracked_layers else 0
+    per_token, fixed = _cached(
+        ("lora", *lora_key), lambda: _lora_activation_bytes(count, settings, setup, shape.routed)
+    )
+    lora_per_layer = {layer: value * tokens + fixed.get(layer, 0) for layer, value in per_token.items()}
     lora_total = sum(lora_per_layer.values())
     logits = tokens * shape.vocab * 12
     transient = tokens * (2 * shape.mlp_width * max(shape.routed, 1) + 2 * shape.hidden) * act
-    final_norm = tokens * shape.hidden * (4 if shape.norm_upcast else act)
+    final_norm = tokens * shape.hidden * (4 if shape.norm_upcast else act) if tracked_layers else 0
     if setup.gradient_checkpointing:
         biggest_lora = max(lora_per_layer.values(), default=0)
-        kept = shape.layers * tokens * shape.hidden * act + final_norm
+        kept = tracked_layers * tokens * shape.hidden * act + final_norm
         activation_terms = [
             MemoryTerm(
                 "activations: checkpointed layer inputs",
                 kept,
-                f"layers {shape.layers} x tokens {tokens} x hidden {shape.hidden} x {act} B (+ final norm input)",
+                f"layers {tracked_layers} x tokens {tokens} x hidden {shape.hidden} x {act} B (+ final norm input)",
                 "activations",
             ),
             MemoryTerm(
                 "activations: one layer recomputed",
-                layer_base + biggest_lora,
+                (layer_base if tracked_layers else 0) + biggest_lora,
                 _layer_formula(shape, setup) + " + its LoRA branches",
                 "activations",
             ),
@@ -345,11 +356,13 @@ _CACHE: dict[tuple, Any] = {}
 def _cached(key: tuple, compute):
     """Memoise what depends only on the model and the LoRA settings, so the estimate for another
     batch size or sequence length is arithmetic (the "fits on" searches make hundreds)."""
-    if key not in _CACHE:
+    value = _CACHE.get(key)
+    if value is None:
+        value = compute()
         if len(_CACHE) > 4096:
             _CACHE.clear()
-        _CACHE[key] = compute()
-    return _CACHE[key]
+        _CACHE[key] = value
+    return value
 
 
 def _text_config(inv: Inventory) -> dict[str, Any]:
@@ -384,12 +397,13 @@ def _shape(inv: Inventory) -> _Shape:
     layers = int(facts.get("layers") or 0)
     supported = not config.get("is_encoder_decoder") and hidden > 0 and layers > 0
     activation = str(config.get("hidden_act") or config.get("activation_function") or "")
-    mlp_saves = 3 if gated else _ACTIVATION_SAVES.get(activation, 1)
+    conv1d = bool((layer["kind"] == "conv1d").any())  # GPT-2's blocks
+    mlp_saves = 3 if gated else _ACTIVATION_SAVES.get((activation, conv1d), 1)
     fused = bool(len(layer[layer["role"] == "attn_qkv"])) and not len(layer[layer["role"] == "attn_q"])
     if fused:
         qkv = width(["attn_qkv"], "out_features")
-        kv_dim = (qkv - q_dim) // 2 if q_dim and qkv > q_dim and config.get("head_dim") else qkv // 3
-        q_dim = qkv - 2 * kv_dim
+        q_dim = heads * head_dim if 0 < heads * head_dim < qkv else qkv // 3
+        kv_dim = (qkv - q_dim) // 2
     return _Shape(
         layers=layers,
         hidden=hidden,
@@ -401,6 +415,7 @@ def _shape(inv: Inventory) -> _Shape:
         mlp_saves=mlp_saves,
         fused_qkv=fused,
         routed=routed if experts else 0,
+        experts=experts,
         norms=norms,
         norm_upcast=upcast,
         vocab=int(facts.get("vocab_size") or 0),
@@ -414,7 +429,11 @@ def _layer_parts(shape: _Shape, setup: TrainSetup, batch: int, seq: int) -> dict
     act = DTYPES[setup.dtype]
     tokens = batch * seq
     norm = tokens * (shape.hidden * (4 if shape.norm_upcast else act) + 4 * (1 if shape.norm_upcast else 2))
-    qkvo = tokens * (2 * shape.q_dim + 2 * shape.kv_dim) * act
+    # a mask (padded batches) or eager attention: transformers repeats k and v to every head
+    kv = shape.q_dim if setup.padded or setup.attention == "eager" else shape.kv_dim
+    if setup.attention == "flash_attention_2":
+        kv = shape.kv_dim  # FlashAttention-2 takes GQA and padding (unpadded varlen) natively
+    qkvo = tokens * (2 * shape.q_dim + 2 * kv) * act
     if shape.fused_qkv:
         qkvo += tokens * (shape.q_dim + 2 * shape.kv_dim) * act
     if setup.attention == "eager":
@@ -422,12 +441,12 @@ def _layer_parts(shape: _Shape, setup: TrainSetup, batch: int, seq: int) -> dict
         attention = qkvo - tokens * shape.q_dim * act + scores  # q, k, v and the probabilities, no kernel output
     else:
         attention = qkvo + tokens * shape.heads * 4  # q, k, v, output + float32 log-sum-exp
-        if setup.device == "cpu":  # padded batches: the CPU kernel takes the math path and keeps the probabilities
-            attention += batch * shape.heads * seq * seq * act
+        if setup.padded and setup.attention == "sdpa":
+            attention += batch * seq * seq * act  # the boolean mask, converted to the dtype per call
     routed_tokens = tokens * max(shape.routed, 1)
     mlp = routed_tokens * shape.mlp_width * shape.mlp_saves * act
     if shape.routed:
-        mlp += routed_tokens * shape.hidden * act + tokens * 4 * 8  # routed copies, router probabilities
+        mlp += routed_tokens * shape.hidden * act + tokens * 4 * shape.experts  # routed copies, router probabilities
     return {"norm": int(norm), "attention": int(attention), "mlp": int(mlp)}
 
 
@@ -466,9 +485,16 @@ def _untracked_prefix(shape: _Shape, parts: dict[str, int], role: str) -> int:
 
 
 def _first_adapted(count: CountResult) -> tuple[int, str] | None:
+    """The first adapted layer and its earliest role; None when something before the blocks trains
+    (an embedding adapter, modules_to_save) or nothing is adapted; (layers, "") when only modules
+    after the blocks (the output head) are."""
     rows = count.modules[count.modules["layer"] >= 0]
-    if rows.empty:
+    outside = count.modules[count.modules["layer"] < 0]
+    input_side = (outside["kind"] == "embedding").any() or count.saved_module_params > 0
+    if input_side or count.modules.empty:
         return None
+    if rows.empty:
+        return 10**9, ""
     first = int(rows["layer"].min())
     roles = rows.loc[rows["layer"] == first, "role"]
     return first, min(roles, key=lambda role: _STAGE.get(role, -1))
@@ -477,20 +503,24 @@ def _first_adapted(count: CountResult) -> tuple[int, str] | None:
 def _layer_formula(shape: _Shape, setup: TrainSetup) -> str:
     act = DTYPES[setup.dtype]
     norm = f"{shape.norms} norms x hidden {shape.hidden} x {4 if shape.norm_upcast else act} B"
+    kv = shape.q_dim if setup.padded or setup.attention == "eager" else shape.kv_dim
+    if setup.attention == "flash_attention_2":
+        kv = shape.kv_dim
     if setup.attention == "eager":
-        attention = f"q,k,v ({shape.q_dim}+2x{shape.kv_dim}) x {act} B + heads {shape.heads} x seq^2 probabilities"
+        attention = f"q,k,v ({shape.q_dim}+2x{kv}) x {act} B + heads {shape.heads} x seq^2 probabilities"
     else:
-        attention = f"q,k,v,out ({2 * shape.q_dim}+2x{shape.kv_dim}) x {act} B + log-sum-exp"
-        if setup.device == "cpu":
-            attention += f" + heads {shape.heads} x seq^2 probabilities (CPU, padded)"
+        attention = f"q,k,v,out ({2 * shape.q_dim}+2x{kv}) x {act} B + log-sum-exp"
+        if setup.padded and setup.attention == "sdpa":
+            attention += f" + seq^2 mask x {act} B"
     mlp = f"{shape.mlp_saves} x MLP width {shape.mlp_width} x {act} B"
     if shape.routed:
         mlp = f"top-{shape.routed} x ({mlp} + hidden)"
     return f"tokens x ({norm} + {attention} + {mlp})"
 
 
-# non-gated MLP activations written as Python formulas keep several intermediates
-_ACTIVATION_SAVES = {"gelu_new": 4}
+# non-gated MLP activations written as Python formulas keep several intermediates (measured with
+# saved_tensors_hooks: GPT-2's Conv1D MLP keeps 4 T x width tensors, phi-2's Linear MLP 3)
+_ACTIVATION_SAVES = {("gelu_new", True): 4, ("gelu_new", False): 3}
 
 _INPUT_GROUPS = {
     "attn_q": "attn_in",
@@ -503,42 +533,52 @@ _INPUT_GROUPS = {
 }
 
 
-def _lora_activation_bytes(count: CountResult, settings: LoraSettings, setup: TrainSetup, tokens: int) -> dict:
-    """Saved bytes of the LoRA branches, per layer."""
+def _lora_activation_bytes(
+    count: CountResult, settings: LoraSettings, setup: TrainSetup, routed: int = 1
+) -> tuple[dict, dict]:
+    """Saved bytes of the LoRA branches per layer: per token, and fixed. LoRA on fused expert
+    weights keeps the merged W + s B A of the whole expert stack, and each expert matmul then keeps
+    its input (every token `routed` times) for the weight's gradient."""
     rows = count.modules
     if rows.empty:
-        return {}
+        return {}, {}
     act = DTYPES[setup.dtype]
     lora = _lora_compute_bytes(setup)
     shared = setup.adapter_dtype == setup.dtype  # no cast: modules with one input share it
     mask = 1 if setup.device == "cuda" else lora  # CUDA's fused dropout keeps a bool mask, the CPU a float one
     dropout = settings.lora_dropout > 0
-    per_layer: dict[int, int] = {}
+    per_token: dict[int, int] = {}
+    fixed: dict[int, int] = {}
     for layer, group in rows.groupby("layer"):
-        total = 0
+        total, constant = 0, 0
         shared_inputs = set()
         for row in group.itertuples(index=False):
             d_in, d_out, rank = int(row.in_features), int(row.out_features), int(row.rank)
             if row.kind == "param":  # LoRA on fused expert weights (target_parameters)
-                routed = max(int(row.experts), 1)
-                total += tokens * (d_in + rank) * lora * 2 // routed
+                constant += max(int(row.experts), 1) * d_in * d_out * act
+                total += max(routed, 1) * d_in * act
+                continue
+            if row.kind == "embedding":  # looks rows of A up by token id: keeps only A's output
+                total += rank * lora
                 continue
             if dropout:
-                total += tokens * d_in * (lora + mask)  # its own dropped copy + the mask
+                total += d_in * (lora + mask)  # its own dropped copy + the mask
             elif shared and row.role == "attn_o" and setup.attention != "eager":
                 pass  # its input is the attention kernel's saved output
             elif shared:
                 key = _INPUT_GROUPS.get(row.role, row.name)
                 if key not in shared_inputs:
                     shared_inputs.add(key)
-                    total += tokens * d_in * act
+                    total += d_in * act
             else:
-                total += tokens * d_in * lora  # the input cast for the adapter, per module
-            total += tokens * rank * lora  # A's output, saved for B
+                total += d_in * lora  # the input cast for the adapter, per module
+            total += rank * lora  # A's output, saved for B
             if settings.use_dora:
-                total += 2 * tokens * d_out * lora  # base output and LoRA output, saved for the magnitude
-        per_layer[int(layer)] = total
-    return per_layer
+                total += 2 * d_out * lora  # base output and LoRA output, saved for the magnitude
+        per_token[int(layer)] = total
+        if constant:
+            fixed[int(layer)] = constant
+    return per_token, fixed
 
 
 def _lora_compute_bytes(setup: TrainSetup) -> int:
@@ -590,25 +630,36 @@ def _weight_terms(inv: Inventory, count: CountResult, setup: TrainSetup) -> list
     kept = MemoryTerm(
         "base weights: not quantised",
         rest * dense,
-        f"{rest:,} params (embeddings, head, norms) x {dense} B ({setup.dtype})",
+        f"{rest:,} params (embeddings, head, norms, fused experts) x {dense} B ({setup.dtype})",
         "weights",
     )
     return [quant, kept]
 
 
 def _adapter_terms(count: CountResult, setup: TrainSetup) -> list[MemoryTerm]:
-    trainable = count.trainable_params
-    size = DTYPES[setup.adapter_dtype]
-    state = OPTIMIZERS[setup.optimizer] * (size / 4 if setup.optimizer in ("adamw", "sgd_momentum") else 1)
+    """The adapters (in `adapter_dtype`: PEFT upcasts only LoRA's own weights) and what else trains:
+    modules_to_save copies (a second copy, in the base dtype) and biases (trained in place)."""
+    lora_bytes, base_bytes = DTYPES[setup.adapter_dtype], DTYPES[setup.dtype]
+    lora, copies, biases = count.lora_params, count.saved_module_params, count.bias_params
+    trainable = lora + copies + biases
+    stored = lora * lora_bytes + copies * base_bytes
+    gradients = lora * lora_bytes + (copies + biases) * base_bytes
+    state = OPTIMIZERS[setup.optimizer]
+    if setup.optimizer in ("adamw", "sgd_momentum"):  # moments in the parameter's dtype
+        optimizer = state / 4 * (lora * lora_bytes + (copies + biases) * base_bytes)
+    else:
+        optimizer = state * trainable
     kept = "PEFT's float32 upcast" if setup.adapter_dtype == "fp32" else setup.adapter_dtype
-    moments = f" (two {setup.adapter_dtype} moments)" if setup.optimizer == "adamw" else ""
+    extra = f" + {copies:,} modules_to_save x {base_bytes} B" if copies else ""
+    moments = " (two moments per parameter, in its dtype)" if setup.optimizer == "adamw" else ""
+    grads = f"{lora:,} x {lora_bytes} B" + (f" + {copies + biases:,} x {base_bytes} B" if copies + biases else "")
     return [
-        MemoryTerm("LoRA parameters", trainable * size, f"{trainable:,} trainable x {size} B ({kept})", "adapter"),
-        MemoryTerm("LoRA gradients", trainable * size, f"{trainable:,} x {size} B", "adapter"),
+        MemoryTerm("LoRA parameters", stored, f"{lora:,} LoRA x {lora_bytes} B ({kept}){extra}", "adapter"),
+        MemoryTerm("LoRA gradients", gradients, grads, "adapter"),
         MemoryTerm(
             f"optimizer state ({setup.optimizer})",
-            int(trainable * state),
-            f"{trainable:,} x {state:g} B{moments}",
+            int(optimizer),
+            f"{trainable:,} trainable x {state:g} B{moments}",
             "adapter",
         ),
     ]
@@ -633,7 +684,7 @@ def _layer_linear_sizes(inv: Inventory) -> tuple[int, int, int]:
     """Weights, output rows and the largest weight of the Linear layers inside the blocks: what
     bitsandbytes quantises (the output head and embeddings stay in the compute dtype)."""
     modules = inv.modules
-    linear = modules[(modules["kind"] == "linear") & (modules["layer"] >= 0)]
+    linear = modules[modules["kind"].isin(("linear", "conv1d")) & (modules["layer"] >= 0)]  # bnb takes Conv1D too
     sizes = linear["in_features"] * linear["out_features"]
     return int(sizes.sum()), int(linear["out_features"].sum()), int(sizes.max()) if len(sizes) else 0
 
@@ -698,10 +749,7 @@ def largest_fitting(
     count = count if count is not None else count_lora_params(inv, settings)
 
     def fits(value: int) -> bool:
-        changes = {vary: value}
-        if vary == "batch_size" and setup.eval_batch_size is not None:
-            changes["eval_batch_size"] = max(setup.eval_batch_size, value)
-        return estimate_memory(inv, settings, replace(setup, **changes), count).fits(capacity_gib)
+        return estimate_memory(inv, settings, replace(setup, **{vary: value}), count).fits(capacity_gib)
 
     if not fits(1):
         return 0

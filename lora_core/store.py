@@ -90,7 +90,11 @@ class Store:
             have = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
             for column, kind in _ADDED_COLUMNS.items():  # stores written before these columns existed
                 if column not in have:
-                    db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+                    try:
+                        db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+                    except sqlite3.OperationalError as error:  # another process added it first
+                        if "duplicate column" not in str(error):
+                            raise
         store.mark_orphans_interrupted()
         return store
 

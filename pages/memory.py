@@ -135,7 +135,10 @@ else:
 
     st.subheader("Target-module strategies side by side")
     strategies = cached_strategies(state.inventory, state.spec.key, state.settings.to_json(), state.settings, setup)
-    usable = strategies[strategies["error"] == ""]
+    usable = strategies[strategies["error"] == ""] if "required GiB" in strategies else strategies.iloc[0:0]
+    if usable.empty:
+        st.warning(f"No target-module strategy maps onto {state.spec.model_id}'s modules.")
+        st.stop()
     compare = go.Figure(go.Bar(x=usable["strategy"], y=usable["required GiB"], text=usable["required GiB"].round(1)))
     add_markers(compare, *(hline(gib, f"{gib} GiB") for gib in GPUS_GIB if gib <= usable["required GiB"].max() * 1.3))
     compare.update_layout(yaxis_title="needs GiB", height=360)

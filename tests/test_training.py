@@ -155,6 +155,29 @@ def test_interrupted_run_is_marked_after_a_store_restart(tmp_path) -> None:
     assert "stopped" in run["error"]
 
 
+def test_a_store_from_before_the_memory_columns_gains_them_and_keeps_its_runs(tmp_path) -> None:
+    import sqlite3
+
+    from lora_core import store as store_module
+
+    schema = store_module._SCHEMA.replace("    memory_estimate_mb REAL,\n", "").replace(
+        "    longest_seq INTEGER,\n", ""
+    )
+    assert "memory_estimate_mb" not in schema
+    (tmp_path / "data").mkdir()
+    with sqlite3.connect(tmp_path / "data" / "runs.sqlite") as db:
+        db.executescript(schema)
+        db.execute(
+            "INSERT INTO runs (name, status, model, dataset, settings, config, created) VALUES ('old run', 'completed', 'm', 'd', '{}', '{}', 0)"
+        )
+    store = Store.open(tmp_path / "data")
+    old = store.runs()
+    assert old["name"].tolist() == ["old run"] and {"memory_estimate_mb", "longest_seq"} <= set(old.columns)
+    store.update_run(int(old["id"].iloc[0]), memory_estimate_mb=123.0, longest_seq=77)
+    assert store.run(int(old["id"].iloc[0]))["longest_seq"] == 77
+    Store.open(tmp_path / "data")  # a second open finds the columns there
+
+
 def test_two_store_handles_see_the_same_runs(tmp_path) -> None:
     first, second = Store.open(tmp_path / "data"), Store.open(tmp_path / "data")
     run_id = first.create_run("shared", "m", "d", {"r": 4}, {"steps": 1})
