@@ -208,6 +208,18 @@ def _layers(text: str) -> tuple[int, ...]:
     return tuple(layers)
 
 
+def _lora_file_or_default(args: argparse.Namespace):
+    """The settings of --lora's file (else r=8, alpha=16 on q_proj,v_proj) with the flags on top."""
+    from lora_core.settings import LoraSettings
+
+    base = (
+        _load_lora_file(args.lora)
+        if args.lora
+        else LoraSettings(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"))
+    )
+    return settings_from_args(args, base)
+
+
 def _load_lora_file(path: str):
     from lora_core.settings import LoraSettings, LoraSettingsError
 
@@ -264,16 +276,10 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     from lora_core.counting import count_lora_params
     from lora_core.memory import GIB, TrainSetup, estimate_memory, fits_table
     from lora_core.models import inventory, resolve_model
-    from lora_core.settings import LoraSettings
 
     if args.qlora and args.int8:
         raise _BadInput("--qlora and --int8 exclude each other: pick one quantisation")
-    base = (
-        _load_lora_file(args.lora)
-        if args.lora
-        else LoraSettings(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"))
-    )
-    settings = settings_from_args(args, base)
+    settings = _lora_file_or_default(args)
     setup = TrainSetup(
         batch_size=args.batch,
         seq_len=args.seq,
@@ -334,16 +340,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import threading
 
-    from lora_core.settings import LoraSettings
     from lora_core.store import NullStore, Store
     from lora_core.training import TrainConfig, run_training
 
-    base = (
-        _load_lora_file(args.lora)
-        if args.lora
-        else LoraSettings(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"))
-    )
-    settings = settings_from_args(args, base)
+    settings = _lora_file_or_default(args)
     config = TrainConfig(
         model=args.model,
         dataset=args.dataset,

@@ -419,3 +419,49 @@ def test_cli_memory_json_and_table() -> None:
     assert table.returncode == 0 and "logits and loss" in table.stdout and "largest batch" in table.stdout
     bad = subprocess.run([*command, "--qlora", "--int8"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_step_peak_matches_the_estimate() -> None:
+    """On a GPU: a bf16 Llama-shaped model (8 layers, hidden 1024, vocab 32000) with fp32 LoRA
+    adapters under autocast, as the Trainer runs it, batch 4 x 512 padded; the second step's
+    torch.cuda.max_memory_allocated() (AdamW's moments exist from the first) against the estimate."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+    )
+    settings = LoraSettings(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=("q_proj", "v_proj"))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    model = get_peft_model(model, settings.to_peft_config()).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids, mask = padded_batch(4, 512, 32000)
+    ids, mask = ids.cuda(), mask.cuda()
+    labels = ids.masked_fill(mask == 0, -100)
+    for step in range(2):
+        if step == 1:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated()
+
+    inv = inventory(spec_from_text(config.to_json_string(use_diff=False), "gpu-llama"))
+    estimate = estimate_memory(inv, settings, TrainSetup(batch_size=4, seq_len=512, dtype="bf16", device="cuda"))
+    error = estimate.peak_bytes / measured - 1
+    print(
+        f"CUDA bf16 step: max allocated {measured / 2**20:.0f} MiB, estimate {estimate.peak_bytes / 2**20:.0f} MiB ({error:+.1%})"
+    )
+    assert abs(error) < 0.15
