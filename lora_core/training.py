@@ -364,6 +364,8 @@ def run_memory_estimate_mb(model, settings: LoraSettings, batch: int, seq: int, 
     from lora_core.memory import TrainSetup, estimate_memory
     from lora_core.models import inventory, spec_from_text
 
+    if device == "mps":  # unified memory: the process's RSS is not what Metal holds
+        return None
     try:
         spec = spec_from_text(
             model.config.to_json_string(use_diff=False), getattr(model, "name_or_path", "") or "model", "local"

@@ -44,6 +44,30 @@ def training_settings(model_choice: str) -> tuple[lora_core.LoraSettings, str]:
         return settings, f"could not map {strategy} onto {spec_name}: {error}"
 
 
+def planned_memory(model_choice: str, settings: lora_core.LoraSettings, config: TrainConfig) -> str:
+    """'; estimated peak at most ... MiB' for the embedded or a catalogue model on this server's
+    device (sequences padded to the full length: the run's own estimate uses its longest example)."""
+    from lora_core.memory import TrainSetup, estimate_memory
+    from lora_core.simulate import pick_device
+
+    device = pick_device()
+    if device == "mps" or (model_choice != EMBEDDED and model_choice not in lora_core.catalogue_ids()):
+        return ""
+    try:
+        spec = lora_core.resolve_model(EMBEDDED_CONFIG if model_choice == EMBEDDED else model_choice)
+        setup = TrainSetup(
+            batch_size=config.batch_size,
+            seq_len=config.seq_len,
+            dtype="bf16" if device.startswith("cuda") else "fp32",
+            device="cuda" if device.startswith("cuda") else "cpu",
+            eval_batch_size=max(config.batch_size, 8),
+        )
+        estimate = estimate_memory(lora_core.inventory(spec), settings, setup)
+    except ValueError:
+        return ""
+    return f"; estimated peak at most {estimate.peak_bytes / 2**20:,.0f} MiB at {config.seq_len} tokens"
+
+
 with st.form("lx_train_form"):
     col1, col2 = st.columns(2)
     model_source = col1.radio(
@@ -117,7 +141,9 @@ if submitted:
         else:
             st.session_state.setdefault("lx_overlay", [])
             st.session_state["lx_overlay"] = [*st.session_state["lx_overlay"], run_id]
-            st.success(f"Run {run_id} queued" + (f" ({note})" if note else ""))
+            st.success(
+                f"Run {run_id} queued" + (f" ({note})" if note else "") + planned_memory(model_choice, settings, config)
+            )
 
 
 def progress_panel(runs: pd.DataFrame, metrics: pd.DataFrame) -> None:

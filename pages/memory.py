@@ -130,7 +130,7 @@ else:
     )
     st.caption(
         f"Largest batch at {setup.seq_len:,} tokens, and longest sequence at batch {setup.batch_size}, "
-        "that fit each card (0: not even 1)."
+        "that fit each card (0: not even 1). Cards by their nominal size, taken as GiB usable."
     )
 
     st.subheader("Target-module strategies side by side")

@@ -95,3 +95,13 @@ def test_start_without_a_model_path_explains(page: AppTest) -> None:
     page.radio(key="lx_train_model_source").set_value("Hub id or local path")
     page.button[0].click().run()
     assert any("give a Hub id or a local folder" in e.value for e in page.error)
+
+
+def test_queueing_the_embedded_model_states_its_planned_peak_memory(page: AppTest) -> None:
+    page.radio(key="lx_train_model_source").set_value("Embedded SmolLM2-135M-Instruct")
+    page.number_input(key="lx_train_steps").set_value(1)
+    page.select_slider(key="lx_train_seq").set_value(64)
+    page.button[0].click().run()
+    message = next(s.value for s in page.success if "queued" in s.value)
+    planned = float(message.split("estimated peak at most ")[1].split(" MiB")[0].replace(",", ""))
+    assert 900 < planned < 3000  # fp32 SmolLM2 weights alone are 513 MiB; the process 420 MiB
