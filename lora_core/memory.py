@@ -139,7 +139,9 @@ class MemoryTerm:
 @dataclass(frozen=True)
 class MemoryEstimate:
     """The terms at the peak of the phase that peaks (`phase`: "train" or "eval"), their sum
-    `peak_bytes` (max allocated on GPU, peak RSS on CPU), and what a card needs beyond it."""
+    `peak_bytes` (max allocated on GPU, peak RSS on CPU, where it includes the process and malloc
+    terms), and what a card needs beyond it. `train_peak_bytes` / `eval_peak_bytes` compare the two
+    phases without those overheads."""
 
     model_id: str
     settings: LoraSettings
@@ -326,7 +328,8 @@ def estimate_memory(
             MemoryTerm(
                 "evaluation working set",
                 eval_tokens * (3 * shape.mlp_width * max(shape.routed, 1) + 2 * shape.hidden) * act,
-                f"eval tokens {eval_tokens} x (3 x MLP width + 2 x hidden) x {act} B (one layer, no gradients)",
+                f"eval tokens {eval_tokens} x (3 x MLP width{' x top-k' if shape.routed else ''} + 2 x hidden) x {act} B"
+                " (one layer, no gradients)",
                 "activations",
             ),
             *quant_terms,
