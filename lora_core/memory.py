@@ -240,8 +240,8 @@ def estimate_memory(
     tokens = setup.batch_size * setup.seq_len
     parts = _layer_parts(shape, setup, setup.batch_size, setup.seq_len)
     layer_base = _layer_bytes(shape, parts)
-    lora_key = (inv.spec.key, settings, count.trainable_params, setup.dtype, setup.adapter_dtype, setup.autocast)
-    lora_key += (setup.device, setup.attention)
+    # what the LoRA terms depend on: the model, the settings (and so the count), dtypes, device, kernel
+    lora_key = (inv.spec.key, settings, setup.dtype, setup.adapter_dtype, setup.autocast, setup.device, setup.attention)
     first = _cached(("first", *lora_key), lambda: _first_adapted(count))
     tracked_layers, prefix = shape.layers, 0
     if first is not None:  # layers before the first adapter need no gradient and save nothing

@@ -275,8 +275,7 @@ def _train(
     train = tokenize_examples(dataset.train[: config.steps * config.batch_size], tokenizer, config.seq_len)
     evaluation = tokenize_examples(dataset.eval[: config.eval_examples], tokenizer, config.seq_len)
     longest = max((len(example["input_ids"]) for example in [*train, *evaluation]), default=config.seq_len)
-    eval_batch = max(config.batch_size, 8)
-    estimate_mb = run_memory_estimate_mb(model, settings, config.batch_size, longest, eval_batch, device)
+    estimate_mb = run_memory_estimate_mb(model, settings, config, longest, device)
     peft_model = get_peft_model(model, copy.deepcopy(settings.to_peft_config()))
     trainable, total = peft_model.get_nb_trainable_parameters()
     store.update_run(
@@ -288,7 +287,7 @@ def _train(
             output_dir=scratch,
             max_steps=config.steps,
             per_device_train_batch_size=config.batch_size,
-            per_device_eval_batch_size=eval_batch,
+            per_device_eval_batch_size=eval_batch_size(config),
             learning_rate=config.learning_rate,
             lr_scheduler_type="constant_with_warmup",
             warmup_steps=min(5, config.steps // 10),
@@ -355,13 +354,33 @@ def _finish(
     return base
 
 
-def run_memory_estimate_mb(model, settings: LoraSettings, batch: int, seq: int, eval_batch: int, device: str):
+def eval_batch_size(config: TrainConfig) -> int:
+    """The evaluation batch of a run: at least 8, so the baseline and eval passes stay quick."""
+    return max(config.batch_size, 8)
+
+
+def memory_setup(config: TrainConfig, seq: int, device: str, attention: str = "sdpa"):
+    """The estimator's `TrainSetup` for a run of `config` on `device`: the dtype the run loads the
+    model in, its batch, `seq` tokens per example and its evaluation batch."""
+    import torch
+
+    from lora_core.memory import TrainSetup
+
+    return TrainSetup(
+        batch_size=config.batch_size,
+        seq_len=seq,
+        dtype="bf16" if _dtype(device) == torch.bfloat16 else "fp32",
+        device="cuda" if device.startswith("cuda") else "cpu",
+        attention=attention,
+        eval_batch_size=eval_batch_size(config),
+    )
+
+
+def run_memory_estimate_mb(model, settings: LoraSettings, config: TrainConfig, seq: int, device: str):
     """`lora_core.memory`'s peak estimate for this run, from the loaded model's own config (its
     longest example as the sequence length: batches are padded to their longest); None when the
     estimator cannot take the model."""
-    import torch
-
-    from lora_core.memory import TrainSetup, estimate_memory
+    from lora_core.memory import estimate_memory
     from lora_core.models import inventory, spec_from_text
 
     if device == "mps":  # unified memory: the process's RSS is not what Metal holds
@@ -370,14 +389,7 @@ def run_memory_estimate_mb(model, settings: LoraSettings, batch: int, seq: int, 
         spec = spec_from_text(
             model.config.to_json_string(use_diff=False), getattr(model, "name_or_path", "") or "model", "local"
         )
-        setup = TrainSetup(
-            batch_size=batch,
-            seq_len=seq,
-            dtype="bf16" if _dtype(device) == torch.bfloat16 else "fp32",
-            device="cuda" if device.startswith("cuda") else "cpu",
-            attention=_attention_of(model),
-            eval_batch_size=eval_batch,
-        )
+        setup = memory_setup(config, seq, device, _attention_of(model))
         return estimate_memory(inventory(spec), settings, setup).peak_bytes / 2**20
     except Exception:  # an estimate is a nicety: it never stops a run
         return None

@@ -75,16 +75,17 @@ _URL_KEYS = {
 
 
 def _int_in(text: str, low: int, high: int) -> int | None:
-    try:
-        value = int(text)
-    except ValueError:
-        return None
-    return value if low <= value <= high else None
+    return _number_in(int, text, low, high)
 
 
 def _float_in(text: str, low: float, high: float) -> float | None:
+    return _number_in(float, text, low, high)
+
+
+def _number_in(kind, text: str, low, high):
+    """`text` as a `kind` within [low, high], else None (a bad or stale link value)."""
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError:
         return None
     return value if low <= value <= high else None

@@ -14,7 +14,7 @@ import lora_core
 from lora_core.adapters import adapter_zip, effective_ranks
 from lora_core.datasets import BUILTIN_TASKS, MAX_UPLOAD_BYTES, DatasetError, parse_upload
 from lora_core.strategies import STRATEGIES, StrategyError, resolve_strategy
-from lora_core.training import EMBEDDED, TrainConfig
+from lora_core.training import EMBEDDED, TrainConfig, memory_setup
 from pages.common import page_state, run_manager
 
 EMBEDDED_CONFIG = "HuggingFaceTB/SmolLM2-135M"  # same architecture and shapes as the embedded Instruct model
@@ -47,7 +47,7 @@ def training_settings(model_choice: str) -> tuple[lora_core.LoraSettings, str]:
 def planned_memory(model_choice: str, settings: lora_core.LoraSettings, config: TrainConfig) -> str:
     """'; estimated peak at most ... MiB' for the embedded or a catalogue model on this server's
     device (sequences padded to the full length: the run's own estimate uses its longest example)."""
-    from lora_core.memory import TrainSetup, estimate_memory
+    from lora_core.memory import estimate_memory
     from lora_core.simulate import pick_device
 
     device = pick_device()
@@ -55,13 +55,7 @@ def planned_memory(model_choice: str, settings: lora_core.LoraSettings, config: 
         return ""
     try:
         spec = lora_core.resolve_model(EMBEDDED_CONFIG if model_choice == EMBEDDED else model_choice)
-        setup = TrainSetup(
-            batch_size=config.batch_size,
-            seq_len=config.seq_len,
-            dtype="bf16" if device.startswith("cuda") else "fp32",
-            device="cuda" if device.startswith("cuda") else "cpu",
-            eval_batch_size=max(config.batch_size, 8),
-        )
+        setup = memory_setup(config, config.seq_len, device)
         estimate = estimate_memory(lora_core.inventory(spec), settings, setup)
     except ValueError:
         return ""
