@@ -12,6 +12,7 @@ Eckart-Young on the fitted values) so a curve's gap to its floor is visible.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,12 +78,12 @@ def rank_floors(x, y, ranks: Sequence[int]) -> dict[int, float]:
     singular directions (Eckart-Young), is optimal; its loss is the least-squares residual plus the
     discarded singular values squared. Computed in float64.
     """
-    return _floors(_least_squares(x, y), y.numel(), ranks)
+    return _floors(_least_squares(_moments(x, y)), ranks)
 
 
-def _floors(fit, total: int, ranks: Sequence[int]) -> dict[int, float]:
+def _floors(fit, ranks: Sequence[int]) -> dict[int, float]:
     energy = fit.fitted_singular**2
-    return {r: (fit.residual + float(energy[r:].sum())) / total for r in ranks}
+    return {r: (fit.residual + float(energy[r:].sum())) / fit.moments.count for r in ranks}
 
 
 def simulate_rank_sweep(
@@ -108,11 +109,15 @@ def simulate_rank_sweep(
         raise ValueError(f"`ranks` must be positive integers, got {ranks}")
     if lr <= 0 or noise < 0:
         raise ValueError("`lr` must be > 0 and `noise` >= 0")
+    device = pick_device(device)
     _target, x, y = make_rank_task(d_in, d_out, true_rank, num_samples, noise, seed)
     init_a = shared_init(max(ranks), d_in, seed)
-    fit = _least_squares(x, y)
-    losses = _train_concatenated(fit, y, init_a, ranks, epochs, lr, pick_device(device))
-    floors = _floors(fit, y.numel(), ranks)
+    moments = _moments(x, y)
+    # the floors' LAPACK work (Cholesky, eigenvalues) runs beside the training loop, which only
+    # needs the moments; on the CPU it fills the core the loop's small ops leave idle
+    fit = _worker().submit(_least_squares, moments)
+    losses = _train_concatenated(moments, init_a, ranks, epochs, lr, device)
+    floors = _floors(fit.result(), ranks)
     frame = pd.DataFrame(
         {
             "rank": np.repeat(ranks, epochs),
@@ -132,55 +137,71 @@ def shared_init(max_rank: int, d_in: int, seed: int):
     return torch.randn(max_rank, d_in, generator=generator) * 0.01
 
 
-def _train_concatenated(fit, y, init_a, ranks: list[int], epochs: int, lr: float, device: str) -> np.ndarray:
+def _train_concatenated(moments, init_a, ranks: list[int], epochs: int, lr: float, device: str) -> np.ndarray:
     """All ranks' A stacked into one (R = sum r, d_in) matrix and B into one (d_out, R) matrix;
     block-diagonal masks keep the ranks independent, so this is exactly one Adam run per rank
     (Adam is elementwise).
 
     Everything uses the sufficient statistics S = X^T X, C = Y^T X of the MSE, so no (n, d_out)
-    prediction is ever formed (M_r = A_r S A_r^T):
+    prediction is ever formed (M_r = A_r S A_r^T, k = 2 / (n d_out), folded into S and C once):
+      dB_r = k (B_r M_r - C A_r^T),  dA_r = k (B_r^T B_r A_r S - B_r^T C)
       loss_r = (tr(B_r M_r B_r^T) - 2 tr(B_r A_r C^T) + ||Y||^2) / (n d_out)
-      dA_r = 2 (B_r^T B_r A_r S - B_r^T C) / (n d_out),  dB_r = 2 (B_r M_r - C A_r^T) / (n d_out)
     The loss terms are ~||Y||^2 and cancel near the optimum, so they are formed in float64.
     Returns losses of shape (epochs, len(ranks)).
     """
     import torch
 
-    n, d_out = y.shape
-    d_in = fit.s.shape[0]
-    scale = 1.0 / (n * d_out)
+    d_out, d_in = moments.c.shape
+    k = 2.0 / moments.count
     total = sum(ranks)
     f64, f32 = torch.float64, torch.float32
-    stats = torch.cat([fit.s, fit.c]).to(device, f64)  # (d_in + d_out, d_in): [S; C]
-    c_and_b = torch.empty(d_out, d_in + total, device=device, dtype=f32)  # [C | B] for B^T [C | B]
-    c_and_b[:, :d_in] = stats[d_in:]
+    stats = torch.cat([moments.s, moments.c]).mul_(k).to(device, f64)  # (d_in + d_out, d_in): k [S; C]
     owner = torch.cat([torch.full((r,), i, device=device) for i, r in enumerate(ranks)])  # (R,)
     one_hot = torch.nn.functional.one_hot(owner, len(ranks)).to(f64)  # (R, n_ranks)
     block = one_hot @ one_hot.T  # (R, R) block-diagonal mask
     block32 = block.to(f32)
     # Parameters stay float32 as in the article; one flat buffer holds A (R, d_in) then B (d_out, R)
-    # so Adam is one fused op.
+    # so Adam is one fused op and one copy makes the float64 version.
     theta = torch.cat([torch.cat([init_a[:r] for r in ranks]).reshape(-1), torch.zeros(d_out * total)]).to(device)
-    a, b = theta[: total * d_in].view(total, d_in), theta[total * d_in :].view(d_out, total)
     grad = torch.zeros_like(theta)
-    grad_a, grad_b = grad[: a.numel()].view_as(a), grad[a.numel() :].view_as(b)
+    theta64 = torch.empty_like(theta, dtype=f64)
+    _, b = _split_params(theta, total, d_in, d_out)
+    grad_a, grad_b = _split_params(grad, total, d_in, d_out)
+    a64, b64 = _split_params(theta64, total, d_in, d_out)
+    # Every intermediate has a buffer made once: a fresh (512, R) float64 result each epoch costs a
+    # page-faulting allocation that measured ~15% of the loop.
+    s_c_a = torch.empty(d_in + d_out, total, device=device, dtype=f64)  # k [S A^T; C A^T]
+    s_a, c_a = s_c_a[:d_in], s_c_a[d_in:]
+    s_a32 = torch.empty(d_in, total, device=device, dtype=f32)
+    gram = torch.empty(total, total, device=device, dtype=f64)  # M = A S A^T, masked
+    twice = torch.empty(d_out, total, device=device, dtype=f64)  # k (B M - 2 C A^T)
+    c_and_b = torch.empty(d_out, d_in + total, device=device, dtype=f32)  # k [C | B] for B^T [C | B]
+    c_and_b[:, :d_in] = stats[d_in:]
+    b_slot = c_and_b[:, d_in:]
+    bt_c_b = torch.empty(total, d_in + total, device=device, dtype=f32)
+    bt_c, bt_b = bt_c_b[:, :d_in], bt_c_b[:, d_in:]
     adam = _Adam(theta, lr)
     traces = torch.empty(epochs, total, device=device, dtype=f64)
     for step in range(epochs):
-        # float64 where the loss terms (~||Y||^2, cancelling near the optimum) are formed
-        a64, b64 = a.to(f64), b.to(f64)
-        s_c_a = stats @ a64.T  # (d_in + d_out, R): [S A^T; C A^T]
-        a_s, c_a = s_c_a[:d_in].T, s_c_a[d_in:]  # (R, d_in) = A S as S is symmetric; (d_out, R)
-        residual = (b64 @ (a_s @ a64.T).mul_(block)).sub_(c_a)  # (d_out, R): B M - C A^T
-        torch.mul(residual, 2 * scale, out=grad_b)
-        # per column of B: b.(B M - 2 C A^T), i.e. the loss minus ||Y||^2
-        torch.sum(residual.sub_(c_a).mul_(b64), 0, out=traces[step])
-        c_and_b[:, d_in:] = b
-        bt_c, bt_b = (b.T @ c_and_b).split([d_in, total], 1)  # (R, d_in), (R, R)
-        torch.addmm(bt_c, bt_b.mul_(block32), a_s.to(f32), beta=-2 * scale, alpha=2 * scale, out=grad_a)
+        theta64.copy_(theta)
+        torch.mm(stats, a64.T, out=s_c_a)
+        torch.mm(a64, s_a, out=gram).mul_(block)
+        torch.addmm(c_a, b64, gram, beta=-2, out=twice)
+        torch.linalg.vecdot(twice, b64, dim=0, out=traces[step])  # per column of B: k (loss - ||Y||^2)
+        torch.add(twice, c_a, out=grad_b)
+        b_slot.copy_(b)
+        torch.mm(b.T, c_and_b, out=bt_c_b)
+        bt_b.mul_(block32)
+        s_a32.copy_(s_a)
+        torch.addmm(bt_c, bt_b, s_a32.T, beta=-1, out=grad_a)
         adam.step(grad)
-    losses = traces @ one_hot + fit.yy  # (epochs, n_ranks)
-    return (losses * scale).cpu().numpy()
+    losses = (traces @ one_hot) / 2 + moments.yy / moments.count  # (epochs, n_ranks)
+    return losses.cpu().numpy()
+
+
+def _split_params(flat, total: int, d_in: int, d_out: int):
+    """Views of a flat parameter-shaped buffer as A (R, d_in) and B (d_out, R)."""
+    return flat[: total * d_in].view(total, d_in), flat[total * d_in :].view(d_out, total)
 
 
 class _Adam:
@@ -213,35 +234,52 @@ class _Adam:
 
 
 @dataclass(frozen=True)
-class _LeastSquaresFit:
+class _Moments:
     s: Any  # X^T X, float64 (d_in, d_in)
     c: Any  # Y^T X, float64 (d_out, d_in)
-    residual: float  # ||Y - X W_ols^T||^2
     yy: float  # ||Y||^2
+    count: int  # Y's element count n * d_out, the MSE's divisor
+
+
+@dataclass(frozen=True)
+class _LeastSquaresFit:
+    moments: _Moments
+    residual: float  # ||Y - X W_ols^T||^2
     fitted_singular: Any  # singular values of X W_ols^T, descending
 
 
-def _least_squares(x, y) -> _LeastSquaresFit:
+def _moments(x, y) -> _Moments:
+    """The MSE's sufficient statistics in float64 on the CPU (exact products of the float32 data)."""
+    x64, y64 = x.double().cpu(), y.double().cpu()
+    flat = y64.reshape(-1)
+    return _Moments(x64.T @ x64, y64.T @ x64, float(flat @ flat), flat.numel())
+
+
+def _least_squares(moments: _Moments) -> _LeastSquaresFit:
     """The least-squares fit of Y ~ X W^T in float64 on the CPU, by Cholesky normal equations
     (a tiny ridge keeps S positive definite when samples < d_in)."""
     import torch
 
-    x64, y64 = x.double().cpu(), y.double().cpu()
-    d_in = x64.shape[1]
-    s_c = torch.cat([x64, y64], 1).T @ x64  # (d_in + d_out, d_in): [S; C] in one product
-    s, c = s_c[:d_in], s_c[d_in:]
+    s, c = moments.s, moments.c
     jitter = 1e-10 * float(s.diagonal().mean())
-    chol = torch.linalg.cholesky(s + jitter * torch.eye(d_in, dtype=s.dtype))
+    chol = torch.linalg.cholesky(s + jitter * torch.eye(s.shape[0], dtype=s.dtype))
     w_ols = torch.cholesky_solve(c.T, chol).T  # (d_out, d_in): W_ols = C S^-1
-    yy = float(torch.linalg.vecdot(y64.reshape(-1), y64.reshape(-1)))
     # the fitted Y_hat = X W_ols^T has Gram W_ols S W_ols^T = W_ols C^T: its eigenvalues are the
     # squared singular values of Y_hat. As W_ols (S + jitter I) = C, the residual
     # ||Y||^2 - 2 tr(W C^T) + tr(W S W^T) is ||Y||^2 - tr(W C^T) - jitter ||W||^2 (float64 keeps
     # ~1e-11 of it at the article's sizes, where it is ~1e-5 of ||Y||^2)
     gram = w_ols @ c.T
     eig = torch.linalg.eigvalsh((gram + gram.T) / 2).clamp_min(0).flip(0)
-    residual = max(yy - float(gram.trace()) - jitter * float(w_ols.square().sum()), 0.0)
-    return _LeastSquaresFit(s, c, residual, yy, eig.sqrt())
+    residual = max(moments.yy - float(gram.trace()) - jitter * float(w_ols.square().sum()), 0.0)
+    return _LeastSquaresFit(moments, residual, eig.sqrt())
+
+
+@functools.cache
+def _worker():
+    """The background thread for the floors' LAPACK work, made on first use."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-floors")
 
 
 def article_rank_loop(
