@@ -33,10 +33,12 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default=None)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     print(f"device for the engine: {device_description(args.device)}")
-    simulate_rank_sweep(epochs=3, device=args.device)  # warm-up: first-call costs are not the loop's
+    # warm-up of both sides: first-call costs (imports, Adam's first step, thread pools) are neither loop's
+    simulate_rank_sweep(epochs=3, device=args.device)
+    article_rank_loop(epochs=3)
 
     # alternating rounds, so the VM's speed drift hits both sides alike
     article_times, engine_times = [], []

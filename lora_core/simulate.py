@@ -12,7 +12,6 @@ Eckart-Young on the fitted values) so a curve's gap to its floor is visible.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,20 +112,16 @@ def simulate_rank_sweep(
     _target, x, y = make_rank_task(d_in, d_out, true_rank, num_samples, noise, seed)
     init_a = shared_init(max(ranks), d_in, seed)
     moments = _moments(x, y)
-    # the floors' LAPACK work (Cholesky, eigenvalues) runs beside the training loop, which only
-    # needs the moments; on the CPU it fills the core the loop's small ops leave idle
-    fit = _worker().submit(_least_squares, moments)
     losses = _train_concatenated(moments, init_a, ranks, epochs, lr, device)
-    floors = _floors(fit.result(), ranks)
-    frame = pd.DataFrame(
+    floors = _floors(_least_squares(moments), ranks)
+    return pd.DataFrame(
         {
             "rank": np.repeat(ranks, epochs),
             "epoch": np.tile(np.arange(epochs), len(ranks)),
             "loss": losses.T.reshape(-1),
+            "floor": np.repeat([floors[r] for r in ranks], epochs),
         }
     )
-    frame["floor"] = frame["rank"].map(floors)
-    return frame
 
 
 def shared_init(max_rank: int, d_in: int, seed: int):
@@ -256,30 +251,27 @@ def _moments(x, y) -> _Moments:
 
 
 def _least_squares(moments: _Moments) -> _LeastSquaresFit:
-    """The least-squares fit of Y ~ X W^T in float64 on the CPU, by Cholesky normal equations
-    (a tiny ridge keeps S positive definite when samples < d_in)."""
+    """The least-squares fit of Y ~ X W^T in float64 on the CPU, through a Cholesky factor
+    S = L L^T: with Z = L^-1 C^T, the fitted Y_hat = X W_ols^T has Gram C S^-1 C^T = Z^T Z, so
+    ||Z||^2 is its energy, ||Y||^2 - ||Z||^2 the residual, and Z's squared singular values are
+    Y_hat's. With fewer samples than d_in, S is singular: a tiny ridge (jitter) makes it definite,
+    and the residual of that W = C (S + jitter I)^-1 is ||Y||^2 - ||Z||^2 - jitter ||W||^2."""
     import torch
 
     s, c = moments.s, moments.c
-    jitter = 1e-10 * float(s.diagonal().mean())
-    chol = torch.linalg.cholesky(s + jitter * torch.eye(s.shape[0], dtype=s.dtype))
-    w_ols = torch.cholesky_solve(c.T, chol).T  # (d_out, d_in): W_ols = C S^-1
-    # the fitted Y_hat = X W_ols^T has Gram W_ols S W_ols^T = W_ols C^T: its eigenvalues are the
-    # squared singular values of Y_hat. As W_ols (S + jitter I) = C, the residual
-    # ||Y||^2 - 2 tr(W C^T) + tr(W S W^T) is ||Y||^2 - tr(W C^T) - jitter ||W||^2 (float64 keeps
-    # ~1e-11 of it at the article's sizes, where it is ~1e-5 of ||Y||^2)
-    gram = w_ols @ c.T
-    eig = torch.linalg.eigvalsh((gram + gram.T) / 2).clamp_min(0).flip(0)
-    residual = max(moments.yy - float(gram.trace()) - jitter * float(w_ols.square().sum()), 0.0)
-    return _LeastSquaresFit(moments, residual, eig.sqrt())
-
-
-@functools.cache
-def _worker():
-    """The background thread for the floors' LAPACK work, made on first use."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-floors")
+    d_out, d_in = c.shape
+    jitter, info = 0.0, 1
+    if moments.count // d_out >= d_in:
+        chol, info = torch.linalg.cholesky_ex(s)
+    if int(info):
+        jitter = 1e-10 * float(s.diagonal().mean())
+        chol = torch.linalg.cholesky(s + jitter * torch.eye(d_in, dtype=s.dtype))
+    z = torch.linalg.solve_triangular(chol, c.T, upper=False)  # (d_in, d_out)
+    fitted = float(z.square().sum())
+    if jitter:
+        fitted += jitter * float(torch.linalg.solve_triangular(chol.T, z, upper=True).square().sum())
+    eig = torch.linalg.eigvalsh(z @ z.T if d_in <= d_out else z.T @ z).clamp_min(0).flip(0)
+    return _LeastSquaresFit(moments, max(moments.yy - fitted, 0.0), eig.sqrt())
 
 
 def article_rank_loop(

@@ -61,6 +61,15 @@ def test_floors_equal_a_brute_force_truncated_svd_of_the_least_squares_fit() -> 
         assert floor == pytest.approx(float(((truncated - y64) ** 2).mean()), rel=1e-9)
 
 
+def test_floors_with_fewer_samples_than_inputs_are_the_truncated_svd_of_y_itself() -> None:
+    # n < d_in: S = X^T X is singular and X W^T can reproduce Y exactly, so the rank-r optimum
+    # is Y's own truncated SVD (the jitter path of the least-squares fit)
+    _, x, y = make_rank_task(d_in=48, d_out=24, true_rank=4, num_samples=20, noise=0.1, seed=5)
+    energy = torch.linalg.svdvals(y.double()) ** 2
+    for rank, floor in rank_floors(x, y, (1, 3, 10)).items():
+        assert floor == pytest.approx(float(energy[rank:].sum()) / y.numel(), rel=1e-6, abs=1e-9)
+
+
 def test_sweep_is_deterministic_and_has_the_documented_columns() -> None:
     first = simulate_rank_sweep(ranks=(2, 4), epochs=5, **SMALL)
     second = simulate_rank_sweep(ranks=(2, 4), epochs=5, **SMALL)
