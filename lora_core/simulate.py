@@ -177,18 +177,20 @@ def _train_concatenated(moments, init_a, ranks: list[int], epochs: int, lr: floa
     bt_c, bt_b = bt_c_b[:, :d_in], bt_c_b[:, d_in:]
     adam = _Adam(theta, lr)
     traces = torch.empty(epochs, total, device=device, dtype=f64)
-    for step in range(epochs):
+    a64_t, b_t, s_a32_t = a64.T, b.T, s_a32.T
+    mm, addmm, vecdot = torch.mm, torch.addmm, torch.linalg.vecdot
+    for trace in traces:
         theta64.copy_(theta)
-        torch.mm(stats, a64.T, out=s_c_a)
-        torch.mm(a64, s_a, out=gram).mul_(block)
-        torch.addmm(c_a, b64, gram, beta=-2, out=twice)
-        torch.linalg.vecdot(twice, b64, dim=0, out=traces[step])  # per column of B: k (loss - ||Y||^2)
+        mm(stats, a64_t, out=s_c_a)
+        mm(a64, s_a, out=gram).mul_(block)
+        addmm(c_a, b64, gram, beta=-2, out=twice)
+        vecdot(twice, b64, dim=0, out=trace)  # per column of B: k (loss - ||Y||^2)
         torch.add(twice, c_a, out=grad_b)
         b_slot.copy_(b)
-        torch.mm(b.T, c_and_b, out=bt_c_b)
+        mm(b_t, c_and_b, out=bt_c_b)
         bt_b.mul_(block32)
         s_a32.copy_(s_a)
-        torch.addmm(bt_c, bt_b, s_a32.T, beta=-1, out=grad_a)
+        addmm(bt_c, bt_b, s_a32_t, beta=-1, out=grad_a)
         adam.step(grad)
     losses = (traces @ one_hot) / 2 + moments.yy / moments.count  # (epochs, n_ranks)
     return losses.cpu().numpy()
@@ -211,13 +213,15 @@ class _Adam:
         self.moment, self.velocity = torch.zeros_like(param), torch.zeros_like(param)
         self.steps = torch.zeros((), dtype=torch.float32, device=param.device)
         self.fused = hasattr(torch, "_fused_adam_") and param.device.type in ("cpu", "cuda")
+        self.state = ([param], [self.moment], [self.velocity], [], [self.steps])
 
     def step(self, grad) -> None:
         beta1, beta2 = ADAM_BETAS
         self.steps += 1
         if self.fused:
+            params, moments, velocities, max_velocities, steps = self.state
             self.torch._fused_adam_(
-                [self.param], [grad], [self.moment], [self.velocity], [], [self.steps],
+                params, [grad], moments, velocities, max_velocities, steps,
                 amsgrad=False, lr=self.lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=ADAM_EPS, maximize=False,
             )  # fmt: skip
             return
