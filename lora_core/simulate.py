@@ -100,7 +100,9 @@ def simulate_rank_sweep(
     """Train a LoRA pair (B @ A, B initialised to zero, A ~ 0.01 N(0, 1)) with full-batch Adam on
     the article's task for every rank at once. Returns one row per (rank, epoch): `rank`, `epoch`,
     `loss` (the MSE before that epoch's step, as the article records it) and `floor` (that rank's
-    closed-form optimum). Raises ValueError for non-positive sizes or ranks.
+    closed-form optimum). Raises ValueError for non-positive sizes or ranks. The losses cancel to
+    ~1e-5 of ||Y||^2 near the optimum and are formed in float64, which MPS lacks: there the sweep
+    runs on the CPU (`rank_sweep_device`).
     """
     _check_positive(d_in=d_in, d_out=d_out, true_rank=true_rank, num_samples=num_samples, epochs=epochs)
     ranks = sorted({int(r) for r in ranks})
@@ -108,7 +110,7 @@ def simulate_rank_sweep(
         raise ValueError(f"`ranks` must be positive integers, got {ranks}")
     if lr <= 0 or noise < 0:
         raise ValueError("`lr` must be > 0 and `noise` >= 0")
-    device = pick_device(device)
+    device = rank_sweep_device(device)
     _target, x, y = make_rank_task(d_in, d_out, true_rank, num_samples, noise, seed)
     init_a = shared_init(max(ranks), d_in, seed)
     moments = _moments(x, y)
@@ -122,6 +124,12 @@ def simulate_rank_sweep(
             "floor": np.repeat([floors[r] for r in ranks], epochs),
         }
     )
+
+
+def rank_sweep_device(preference: str | None = None) -> str:
+    """Where `simulate_rank_sweep` runs: `pick_device`, except the CPU in place of MPS (no float64)."""
+    device = pick_device(preference)
+    return "cpu" if device == "mps" else device
 
 
 def shared_init(max_rank: int, d_in: int, seed: int):
@@ -169,28 +177,29 @@ def _train_concatenated(moments, init_a, ranks: list[int], epochs: int, lr: floa
     s_a, c_a = s_c_a[:d_in], s_c_a[d_in:]
     s_a32 = torch.empty(d_in, total, device=device, dtype=f32)
     gram = torch.empty(total, total, device=device, dtype=f64)  # M = A S A^T, masked
-    twice = torch.empty(d_out, total, device=device, dtype=f64)  # k (B M - 2 C A^T)
+    bm_2ca = torch.empty(d_out, total, device=device, dtype=f64)  # k (B M - 2 C A^T), then k (B M - C A^T)
+    product = torch.empty_like(bm_2ca)
     c_and_b = torch.empty(d_out, d_in + total, device=device, dtype=f32)  # k [C | B] for B^T [C | B]
     c_and_b[:, :d_in] = stats[d_in:]
     b_slot = c_and_b[:, d_in:]
     bt_c_b = torch.empty(total, d_in + total, device=device, dtype=f32)
     bt_c, bt_b = bt_c_b[:, :d_in], bt_c_b[:, d_in:]
     adam = _Adam(theta, lr)
+    # traces[step, j] = b_j . (k (B M - 2 C A^T))_j; summed over rank r's columns this is
+    # k (tr(B_r M_r B_r^T) - 2 tr(B_r A_r C^T)) = 2 (loss_r - ||Y||^2 / (n d_out))
     traces = torch.empty(epochs, total, device=device, dtype=f64)
-    a64_t, b_t, s_a32_t = a64.T, b.T, s_a32.T
-    mm, addmm, vecdot = torch.mm, torch.addmm, torch.linalg.vecdot
-    for trace in traces:
+    for step in range(epochs):
         theta64.copy_(theta)
-        mm(stats, a64_t, out=s_c_a)
-        mm(a64, s_a, out=gram).mul_(block)
-        addmm(c_a, b64, gram, beta=-2, out=twice)
-        vecdot(twice, b64, dim=0, out=trace)  # per column of B: k (loss - ||Y||^2)
-        torch.add(twice, c_a, out=grad_b)
+        torch.mm(stats, a64.T, out=s_c_a)
+        torch.mm(a64, s_a, out=gram).mul_(block)
+        torch.addmm(c_a, b64, gram, beta=-2, out=bm_2ca)
+        torch.sum(torch.mul(bm_2ca, b64, out=product), 0, out=traces[step])
+        grad_b.copy_(bm_2ca.add_(c_a))
         b_slot.copy_(b)
-        mm(b_t, c_and_b, out=bt_c_b)
+        torch.mm(b.T, c_and_b, out=bt_c_b)
         bt_b.mul_(block32)
         s_a32.copy_(s_a)
-        addmm(bt_c, bt_b, s_a32_t, beta=-1, out=grad_a)
+        torch.addmm(bt_c, bt_b, s_a32.T, beta=-1, out=grad_a)
         adam.step(grad)
     losses = (traces @ one_hot) / 2 + moments.yy / moments.count  # (epochs, n_ranks)
     return losses.cpu().numpy()
@@ -237,7 +246,12 @@ class _Moments:
     s: Any  # X^T X, float64 (d_in, d_in)
     c: Any  # Y^T X, float64 (d_out, d_in)
     yy: float  # ||Y||^2
-    count: int  # Y's element count n * d_out, the MSE's divisor
+    samples: int  # n
+
+    @property
+    def count(self) -> int:
+        """Y's element count n * d_out, the MSE's divisor."""
+        return self.samples * self.c.shape[0]
 
 
 @dataclass(frozen=True)
@@ -248,26 +262,27 @@ class _LeastSquaresFit:
 
 
 def _moments(x, y) -> _Moments:
-    """The MSE's sufficient statistics in float64 on the CPU (exact products of the float32 data)."""
+    """The MSE's sufficient statistics on the CPU, accumulated in float64 (each product of two
+    float32 values is exact there)."""
     x64, y64 = x.double().cpu(), y.double().cpu()
     flat = y64.reshape(-1)
-    return _Moments(x64.T @ x64, y64.T @ x64, float(flat @ flat), flat.numel())
+    return _Moments(x64.T @ x64, y64.T @ x64, float(flat @ flat), x64.shape[0])
 
 
 def _least_squares(moments: _Moments) -> _LeastSquaresFit:
     """The least-squares fit of Y ~ X W^T in float64 on the CPU, through a Cholesky factor
     S = L L^T: with Z = L^-1 C^T, the fitted Y_hat = X W_ols^T has Gram C S^-1 C^T = Z^T Z, so
     ||Z||^2 is its energy, ||Y||^2 - ||Z||^2 the residual, and Z's squared singular values are
-    Y_hat's. With fewer samples than d_in, S is singular: a tiny ridge (jitter) makes it definite,
-    and the residual of that W = C (S + jitter I)^-1 is ||Y||^2 - ||Z||^2 - jitter ||W||^2."""
+    Y_hat's. With fewer samples than d_in, S is singular: a tiny ridge (jitter) makes it definite;
+    the residual of that W = C (S + jitter I)^-1 is ||Y||^2 - ||Z||^2 - jitter ||W||^2, and Z's
+    singular values are Y_hat's up to O(jitter)."""
     import torch
 
     s, c = moments.s, moments.c
     d_out, d_in = c.shape
-    jitter, info = 0.0, 1
-    if moments.count // d_out >= d_in:
-        chol, info = torch.linalg.cholesky_ex(s)
-    if int(info):
+    jitter = 0.0
+    chol, info = torch.linalg.cholesky_ex(s) if moments.samples >= d_in else (None, 1)
+    if int(info):  # singular (or numerically so): a tiny ridge
         jitter = 1e-10 * float(s.diagonal().mean())
         chol = torch.linalg.cholesky(s + jitter * torch.eye(d_in, dtype=s.dtype))
     z = torch.linalg.solve_triangular(chol, c.T, upper=False)  # (d_in, d_out)

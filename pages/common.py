@@ -369,6 +369,13 @@ def simulation_device() -> str:
     return simulate.device_description()
 
 
+@st.cache_resource
+def rank_sweep_device() -> str:
+    """The device the rank simulation runs on (as `simulation_device`, but the CPU for MPS, which
+    has no float64), named for people."""
+    return simulate.device_description(simulate.rank_sweep_device())
+
+
 def role_breakdown(result: lora_core.CountResult) -> pd.DataFrame:
     """Per-role sums of the per-module table."""
     return (

@@ -10,7 +10,7 @@ from lora_core.counting import rank_curve
 from lora_core.guidelines import RANK_BANDS, rank_band
 from lora_core.simulate import reconstruction_error, simulate_rank_sweep
 from lora_core.strategies import STRATEGIES, resolve_strategy
-from pages.common import add_markers, page_state, show_count, simulation_device, vband, vline
+from pages.common import add_markers, page_state, rank_sweep_device, show_count, vband, vline
 
 RANKS = list(range(1, 257))
 SIM_RANK_CHOICES = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
@@ -133,7 +133,7 @@ final = sweep.groupby("rank").agg(final_loss=("loss", "last"), optimum=("floor",
 final["gap_to_optimum"] = final["final_loss"] - final["optimum"]
 final["capacity_bound"] = final["rank"] < true_rank
 st.dataframe(final, hide_index=True, key="lx_rank_sim_table")
-st.caption(f"Simulations run on {simulation_device()}.")
+st.caption(f"This simulation runs on {rank_sweep_device()}.")
 
 st.subheader("Reconstruction error against rank (SVD)")
 error = cached_reconstruction(d_in, true_rank, 64)

@@ -8,12 +8,15 @@ import pytest
 import torch
 
 from lora_core.simulate import (
+    _least_squares,
+    _moments,
     alpha_output_stats,
     article_rank_loop,
     dropout_histogram,
     make_rank_task,
     pick_device,
     rank_floors,
+    rank_sweep_device,
     reconstruction_error,
     scale_grid,
     simulate_dropout,
@@ -68,6 +71,9 @@ def test_floors_with_fewer_samples_than_inputs_are_the_truncated_svd_of_y_itself
     energy = torch.linalg.svdvals(y.double()) ** 2
     for rank, floor in rank_floors(x, y, (1, 3, 10)).items():
         assert floor == pytest.approx(float(energy[rank:].sum()) / y.numel(), rel=1e-6, abs=1e-9)
+    # the residual itself is 0 (X interpolates); uncorrected for the ridge it would be ~4e-11 ||Y||^2
+    fit = _least_squares(_moments(x, y))
+    assert fit.residual <= 1e-12 * fit.moments.yy
 
 
 def test_sweep_is_deterministic_and_has_the_documented_columns() -> None:
@@ -149,6 +155,16 @@ def test_device_choice() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             pick_device("cuda")
+
+
+def test_the_rank_sweep_runs_on_the_cpu_where_the_pick_is_mps(monkeypatch) -> None:
+    # MPS has no float64, which the sweep's loss terms need
+    cpu = simulate_rank_sweep(epochs=3, device="cpu", **SMALL)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device() == "mps"
+    assert rank_sweep_device() == "cpu"
+    assert simulate_rank_sweep(epochs=3, **SMALL).equals(cpu)
 
 
 @pytest.mark.gpu

@@ -116,8 +116,10 @@ def test_every_page_opens_without_an_exception_and_is_captured(server, page, nam
 
 def test_strategies_are_compared_side_by_side(server, page) -> None:
     open_url(page, f"{server}/targets?model=meta-llama/Llama-2-7b-hf")
-    chart = page.locator("[data-testid='stPlotlyChart']").first
-    chart.wait_for()
+    # the page has two charts (strategies, then the layer heatmap); wait for the strategies one by
+    # its content, as `.first` once caught the heatmap while the page was still settling
+    chart = page.locator("[data-testid='stPlotlyChart']", has_text="All linear").first
+    chart.wait_for(timeout=60_000)
     labels = chart.inner_text()
     for strategy in ("Q,V", "All attention", "FFN only", "All linear"):
         assert strategy in labels
