@@ -31,7 +31,7 @@ def timed(fn) -> tuple[float, object]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default=None)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--engine-runs", type=int, default=5, help="engine runs per round")
     args = parser.parse_args()
     print(f"device for the engine: {device_description(args.device)}")
