@@ -222,15 +222,13 @@ class _Adam:
         self.moment, self.velocity = torch.zeros_like(param), torch.zeros_like(param)
         self.steps = torch.zeros((), dtype=torch.float32, device=param.device)
         self.fused = hasattr(torch, "_fused_adam_") and param.device.type in ("cpu", "cuda")
-        self.state = ([param], [self.moment], [self.velocity], [], [self.steps])
 
     def step(self, grad) -> None:
         beta1, beta2 = ADAM_BETAS
         self.steps += 1
         if self.fused:
-            params, moments, velocities, max_velocities, steps = self.state
             self.torch._fused_adam_(
-                params, [grad], moments, velocities, max_velocities, steps,
+                [self.param], [grad], [self.moment], [self.velocity], [], [self.steps],
                 amsgrad=False, lr=self.lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=ADAM_EPS, maximize=False,
             )  # fmt: skip
             return
