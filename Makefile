@@ -6,7 +6,7 @@ PORT ?= 8501
 CHROMIUM := /usr/lib/chromium/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint bench clean chromium
+.PHONY: run test lint bench clean chromium gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench: $(VENV)/.runtime
 	$(BIN)/python bench/bench_count.py
 	$(BIN)/python bench/bench_simulate.py
 	$(BIN)/python bench/bench_train.py
+
+# The CUDA paths in one prepared script (GPU tests, d=4096 simulations, a bf16 run, the memory
+# estimate against max_memory_allocated); on a machine without CUDA it says so and exits 0.
+gpu-check: $(VENV)/.dev
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/gpu_check.py --out artifacts/gpu-check.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

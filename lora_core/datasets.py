@@ -14,12 +14,14 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_core.errors import InputError
+
 MAX_UPLOAD_BYTES = 20_000_000
 MIN_EXAMPLES = 8
 IGNORE_INDEX = -100
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset that cannot be used; the message names the problem and the fix."""
 
 

@@ -61,20 +61,18 @@ def full_json(settings: LoraSettings, inv: Inventory, result) -> dict[str, Any]:
     }
 
 
-def import_config(text: str) -> tuple[LoraSettings, list[str], str | None]:
+def import_config(text: str | bytes) -> tuple[LoraSettings, list[str], str | None]:
     """Settings from an adapter_config.json or a full JSON export; returns (settings, unknown keys,
     model id named in the file or None). Raises `LoraSettingsError` naming the field."""
-    from lora_core.settings import unknown_keys
+    from lora_core.settings import parse_json, unknown_keys
 
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise LoraSettingsError([f"not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"]) from None
+    data = parse_json(text)
     if isinstance(data, dict) and isinstance(data.get("settings"), dict) and "lora_explorer_version" in data:
         model = data.get("model")
         data = data["settings"]
     else:
         model = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+    model = model if isinstance(model, str) and model.strip() else None
     settings = LoraSettings.from_peft_dict(data)
     problems = settings.problems()
     if problems:

@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 
 from lora_core.counting import CountResult, count_lora_params
+from lora_core.errors import InputError
 from lora_core.models import Inventory, as_inventory
 from lora_core.settings import LoraSettings
 
@@ -59,7 +60,7 @@ CPU_PROCESS_BYTES = 420 * MIB
 CPU_ALLOCATOR_SLACK = 0.30
 
 
-class MemorySetupError(ValueError):
+class MemorySetupError(InputError):
     """A training setup the estimator cannot take; the message names every bad field."""
 
 

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,17 +22,41 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lora_core.errors import InputError, one_line
 from lora_core.roles import classify_role
 
 CATALOGUE_DIR = Path(__file__).parent / "catalogue"
 MAX_CONFIG_BYTES = 1_000_000
+# Where the app may read configs from the server's disk (see `local_model_roots`).
+MODEL_ROOTS_ENV = "LORA_EXPLORER_MODEL_ROOTS"
+
+# Upper bounds on a config's sizes, each several times the largest published model (2025: 126
+# layers in Llama-3.1-405B, hidden 16384, FFN 53248, vocab 262144, 384 experts in Kimi K2). A
+# config beyond them is a typo or an attack: building it on the meta device would take minutes
+# and gigabytes (1,000,000 layers), and its counts would overflow 64-bit integers (hidden 1e9).
+SIZE_LIMITS: tuple[tuple[str, re.Pattern[str], int], ...] = (
+    ("layers", re.compile(r"(^|_)(n_)?layers?$|^n_layer$|^num_.*layers$"), 1024),
+    ("width", re.compile(r"^(hidden_size|n_embd|d_model|dim|head_dim|d_kv|kv_lora_rank|q_lora_rank)$"), 65536),
+    (
+        "FFN width",
+        re.compile(r"intermediate_size$|^(d_ff|n_inner|ffn_dim|hidden_dim|encoder_ffn_dim|decoder_ffn_dim)$"),
+        1 << 20,
+    ),
+    ("vocabulary", re.compile(r"^vocab_size$"), 1 << 22),
+    ("experts", re.compile(r"experts$|^num_experts_per_tok$|^moe_topk$"), 4096),
+    ("heads", re.compile(r"heads$|^n_head$"), 4096),
+    ("positions", re.compile(r"^(max_position_embeddings|n_positions|n_ctx)$"), 1 << 24),
+)
+# Layers x experts, since some MoE classes build one module per expert (Kimi K2: 61 x 384 = 23,424).
+MAX_EXPERT_LAYERS = 1 << 17
+MAX_TOTAL_PARAMS = 10**13  # 5x the largest published model; keeps every count far inside int64
 HUB_HOST = ("huggingface.co", 443)
 
 # Module kinds the inventory records; PEFT's LoRA wraps all of them except "other".
 KINDS = ("linear", "conv1d", "embedding", "conv", "mha", "param", "other")
 
 
-class ModelResolutionError(ValueError):
+class ModelResolutionError(InputError):
     """A model name, path or config that cannot be turned into a model; the message says what to fix."""
 
 
@@ -91,8 +116,27 @@ def catalogue_path(model_id: str) -> Path:
     return CATALOGUE_DIR / f"{model_id.replace('/', '__')}.json"
 
 
-def resolve_model(name: str | ModelSpec, trust_remote_code: bool = False) -> ModelSpec:
+def local_model_roots() -> tuple[Path, ...] | None:
+    """Where the app may read model configs from the server's disk, from $LORA_EXPLORER_MODEL_ROOTS:
+    unset means anywhere (the local user's own app), empty or `none` means nowhere (local paths
+    off), else folders separated by `os.pathsep`. A server shared with others sets it, so nobody
+    can probe the server's files through the model field (the Docker image sets `/models`)."""
+    value = os.environ.get(MODEL_ROOTS_ENV)
+    if value is None:
+        return None
+    if value.strip().lower() in ("", "none", "off"):
+        return ()
+    return tuple(Path(part).expanduser().resolve() for part in value.split(os.pathsep) if part.strip())
+
+
+def resolve_model(
+    name: str | ModelSpec, trust_remote_code: bool = False, local_roots: tuple[Path, ...] | None = None
+) -> ModelSpec:
     """A `ModelSpec` for a catalogue id, a directory with config.json, a config.json path or a Hub id.
+
+    `local_roots` limits which local paths may be read: None allows any (the CLI, the local app),
+    `()` none, else only paths inside those folders. Outside them every path gets the same answer,
+    whether it exists or not, so the field cannot be used to probe the disk.
 
     Raises `ModelResolutionError` with a one-line reason when nothing usable is found; an unknown
     Hub id while offline fails within seconds (Hub reachability is probed first).
@@ -102,40 +146,112 @@ def resolve_model(name: str | ModelSpec, trust_remote_code: bool = False) -> Mod
     name = str(name).strip()
     if not name:
         raise ModelResolutionError("no model given: pick a catalogue model, a Hub id, or a path to config.json")
+    if "\x00" in name or len(name) > 4096:
+        raise ModelResolutionError(
+            "a model name is a catalogue id, a Hub id or a path: this one has invalid characters"
+        )
     if catalogue_path(name).is_file():
         return spec_from_text(catalogue_path(name).read_text(), name, "catalogue")
+    looks_local = name.startswith((".", "/", "~")) or name.endswith(".json") or name.count("/") != 1
     path = Path(name).expanduser()
+    if local_roots is not None:
+        if not looks_local and not _inside(path, local_roots):
+            return _resolve_hub(name, trust_remote_code)  # an org/name id: never look at the disk for it
+        if not _inside(path, local_roots):
+            raise ModelResolutionError(_outside_message(name, local_roots))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelResolutionError(
                 f"directory {name} has no config.json: point at a model folder or its config.json"
             )
-        return spec_from_text((path / "config.json").read_text(), name, "local", trust_remote_code)
+        return spec_from_text(_read_config(path / "config.json", name), name, "local", trust_remote_code)
     if path.is_file():
-        return spec_from_text(path.read_text(), name, "local", trust_remote_code)
-    if path.suffix == ".json" or name.count("/") > 1 or name.startswith((".", "/", "~")):
+        return spec_from_text(_read_config(path, name), name, "local", trust_remote_code)
+    if looks_local or path.suffix == ".json":
         raise ModelResolutionError(f"no such file or folder: {name}")
     return _resolve_hub(name, trust_remote_code)
+
+
+def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    """Whether `path`, links resolved, lies inside one of `roots`."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):
+        return False
+    return any(resolved == root or root in resolved.parents for root in roots)
+
+
+def _outside_message(name: str, roots: tuple[Path, ...]) -> str:
+    """The one answer for every path outside the roots, whether it exists or not."""
+    if roots:
+        return f"{name}: local paths are limited to {', '.join(str(root) for root in roots)} on this server"
+    return f"{name}: local model paths are off on this server: pick a catalogue model, a Hub id or upload a config.json"
+
+
+def _read_config(path: Path, name: str) -> bytes:
+    """The bytes of a config file, refusing oversize files before reading them whole."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise ModelResolutionError(f"{name}: cannot be read ({error.strerror or error})") from None
+    return data
 
 
 def spec_from_text(
     text: str | bytes, model_id: str, source: str = "upload", trust_remote_code: bool = False
 ) -> ModelSpec:
     """A `ModelSpec` from config.json text. Raises `ModelResolutionError` for oversize, non-JSON or
-    configs without a `model_type` transformers knows."""
+    binary data, absurd sizes, and configs without a `model_type` transformers knows."""
     if len(text) > MAX_CONFIG_BYTES:
         raise ModelResolutionError(
-            f"{model_id}: config is {len(text):,} bytes; a config.json is at most {MAX_CONFIG_BYTES:,}"
+            f"{model_id}: the file is over {MAX_CONFIG_BYTES:,} bytes; a config.json is at most that: use the model's config.json"
         )
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        reason = getattr(error, "msg", str(error))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        reason = getattr(error, "msg", None) or type(error).__name__
+        reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else reason
         raise ModelResolutionError(f"{model_id}: not valid JSON ({reason}); upload the model's config.json") from None
     if not isinstance(data, dict):
         raise ModelResolutionError(f"{model_id}: config.json must be a JSON object")
     _check_model_type(data, model_id, trust_remote_code)
+    check_sizes(data, model_id)
     return ModelSpec(model_id, source, json.dumps(data, sort_keys=True), trust_remote_code)
+
+
+def check_sizes(config: dict[str, Any], model_id: str) -> None:
+    """Refuse a config whose sizes are negative, fractional or beyond `SIZE_LIMITS` (nested
+    sub-configs included) before anything is built from it."""
+    for key, value in _sized_items(config):
+        for label, pattern, limit in SIZE_LIMITS:
+            if not pattern.search(key):
+                continue
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if not isinstance(value, int) or value < 0:
+                raise ModelResolutionError(f"{model_id}: `{key}` must be a whole number >= 0, got {value!r}")
+            if value > limit:
+                raise ModelResolutionError(
+                    f"{model_id}: `{key}` = {value:,} is beyond any real model ({label} limit {limit:,}): fix the config"
+                )
+            break
+    layers = max((v for k, v in _sized_items(config) if SIZE_LIMITS[0][1].search(k)), default=0)
+    experts = max((v for k, v in _sized_items(config) if k.endswith("experts")), default=0)
+    if layers * max(experts, 1) > MAX_EXPERT_LAYERS:
+        raise ModelResolutionError(
+            f"{model_id}: {layers:,} layers x {experts:,} experts is beyond any real model "
+            f"(limit {MAX_EXPERT_LAYERS:,} expert layers): fix the config"
+        )
+
+
+def _sized_items(config: dict[str, Any], depth: int = 0):
+    """(key, value) pairs of numbers in `config` and its nested sub-configs (text_config, ...)."""
+    for key, value in config.items():
+        if isinstance(value, dict) and depth < 4:
+            yield from _sized_items(value, depth + 1)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and isinstance(key, str):
+            yield key, value
 
 
 def _check_model_type(data: dict[str, Any], model_id: str, trust_remote_code: bool) -> None:
@@ -168,9 +284,10 @@ def _resolve_hub(model_id: str, trust_remote_code: bool) -> ModelSpec:
     hint = f"pick one of the {len(catalogue_ids())} catalogue models, upload its config.json, or give a local path"
     try:
         config = AutoConfig.from_pretrained(model_id, local_files_only=True, trust_remote_code=trust_remote_code)
-        return ModelSpec(model_id, "hub", json.dumps(config.to_dict(), sort_keys=True, default=str), trust_remote_code)
     except Exception:
         pass
+    else:
+        return _hub_spec(model_id, config, trust_remote_code)
     if not hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"
         raise ModelResolutionError(
@@ -179,9 +296,16 @@ def _resolve_hub(model_id: str, trust_remote_code: bool) -> ModelSpec:
     try:
         config = AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
     except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelResolutionError(f"{model_id!r} could not be loaded from the Hub ({first_line}); {hint}") from None
-    return ModelSpec(model_id, "hub", json.dumps(config.to_dict(), sort_keys=True, default=str), trust_remote_code)
+        raise ModelResolutionError(
+            f"{model_id!r} could not be loaded from the Hub ({one_line(error)}); {hint}"
+        ) from None
+    return _hub_spec(model_id, config, trust_remote_code)
+
+
+def _hub_spec(model_id: str, config, trust_remote_code: bool) -> ModelSpec:
+    data = config.to_dict()
+    check_sizes(data, model_id)
+    return ModelSpec(model_id, "hub", json.dumps(data, sort_keys=True, default=str), trust_remote_code)
 
 
 # Models handed in directly (`inventory_of`), by spec key: tests and non-transformers modules.
@@ -205,6 +329,7 @@ def build_meta_model(spec: ModelSpec):
     from transformers import AutoConfig
 
     data = spec.config
+    check_sizes(data, spec.model_id)
     try:
         if spec.trust_remote_code:
             config = AutoConfig.from_pretrained(spec.model_id, trust_remote_code=True)
@@ -213,9 +338,7 @@ def build_meta_model(spec: ModelSpec):
             with _quiet_transformers():
                 config = AutoConfig.for_model(data["model_type"], **fields)
     except Exception as error:
-        raise ModelResolutionError(
-            f"{spec.model_id}: transformers rejects this config ({_first_line(error)})"
-        ) from None
+        raise ModelResolutionError(f"{spec.model_id}: transformers rejects this config ({one_line(error)})") from None
     with _quiet_transformers():
         return _instantiate(spec, config, data)
 
@@ -238,7 +361,7 @@ def _instantiate(spec: ModelSpec, config, data: dict[str, Any]):
                     return cls.from_config(config, trust_remote_code=spec.trust_remote_code)
                 return cls._from_config(config)
         except Exception as error:
-            errors.append(f"{getattr(cls, '__name__', cls)}: {_first_line(error)}")
+            errors.append(f"{getattr(cls, '__name__', cls)}: {one_line(error)}")
     raise ModelResolutionError(f"{spec.model_id}: no model class could be built ({'; '.join(errors)})")
 
 
@@ -255,15 +378,17 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 @functools.lru_cache(maxsize=16)
 def inventory(spec: ModelSpec) -> Inventory:
-    """The module inventory of `spec`, cached per config. See `Inventory` for the columns."""
-    return _take_inventory(spec, meta_model(spec))
+    """The module inventory of `spec`, cached per config. See `Inventory` for the columns.
+    Raises `ModelResolutionError` for a model beyond `MAX_TOTAL_PARAMS`."""
+    inv = _take_inventory(spec, meta_model(spec))
+    if inv.total_params > MAX_TOTAL_PARAMS:
+        raise ModelResolutionError(
+            f"{spec.model_id}: {inv.total_params:,} parameters is beyond any real model "
+            f"(limit {MAX_TOTAL_PARAMS:,}): fix the config's sizes"
+        )
+    return inv
 
 
 def as_inventory(model: str | ModelSpec | Inventory) -> Inventory:
@@ -293,6 +418,7 @@ def _take_inventory(spec: ModelSpec, model) -> Inventory:
             seen.add(id(param))
             full = f"{module_name}.{param_name}" if module_name else param_name
             param_rows.append((full, module_name, param_name, tuple(param.shape), int(param.numel())))
+    total = sum(row[-1] for row in param_rows)  # Python ints: an absurd config must not wrap around
     modules = pd.DataFrame(module_rows, columns=_MODULE_COLUMNS)
     params = pd.DataFrame(param_rows, columns=["name", "module", "param", "shape", "numel"])
     fused = params[params["shape"].map(len) == 3]
@@ -301,11 +427,11 @@ def _take_inventory(spec: ModelSpec, model) -> Inventory:
         spec=spec,
         model_class=type(model).__name__,
         model_type=spec.model_type,
-        total_params=int(params["numel"].sum()),
+        total_params=total,
         output_embedding=output_name,
         modules=modules,
         params=params,
-        facts=_facts(getattr(model, "config", None), modules, int(params["numel"].sum())),
+        facts=_facts(getattr(model, "config", None), modules, total),
     )
 
 

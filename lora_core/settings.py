@@ -10,11 +10,18 @@ import dataclasses
 import functools
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lora_core.errors import InputError
+
 ALL_LINEAR = "all-linear"
+# Beyond any useful rank (the widest real layers are ~16k-54k wide): keeps every count inside int64.
+MAX_RANK = 1 << 16
+# Layer indices stop here (models.SIZE_LIMITS allows at most 1024 layers).
+MAX_LAYER = 1024
 Bias = Literal["none", "all", "lora_only"]
 TargetSpec = tuple[str, ...] | str | None
 
@@ -42,7 +49,7 @@ MODELLED_FIELDS = (
 _FILE_KEYS = {"peft_type", "auto_mapping", "base_model_name_or_path", "revision", "peft_version"}
 
 
-class LoraSettingsError(ValueError):
+class LoraSettingsError(InputError):
     """Every problem found in one settings object, raised once; `problems` lists them."""
 
     def __init__(self, problems: Sequence[str]):
@@ -78,6 +85,14 @@ class LoraSettings:
     peft_extras: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # A value of the wrong type is refused here, once, with its field named: everything after
+        # (sorting, hashing, PEFT) may then rely on the types. Ranges are `problems()`' business,
+        # so a sidebar can hold r=0 and say why it cannot be counted.
+        wrong = _type_problems({name: getattr(self, name) for name in MODELLED_FIELDS})
+        if wrong:
+            raise LoraSettingsError(wrong)
+        if not isinstance(self.peft_extras, Mapping) and self.peft_extras is not None:
+            raise LoraSettingsError([f"`peft_extras` must be a mapping, got {_short(self.peft_extras)}"])
         # Lists become tuples so equal settings compare and hash equal. PEFT turns target,
         # exclude and parameter lists into sets, so their order means nothing: sort them.
         for name in ("target_modules", "exclude_modules", "target_parameters"):
@@ -112,10 +127,15 @@ class LoraSettings:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def problems(self) -> list[str]:
-        """Problems that need no model: the checks PEFT lacks or makes only deep inside `get_peft_model`."""
-        found: list[str] = []
-        if not _is_positive_int(self.r):
-            found.append(f"`r` must be a positive integer, got {self.r!r}")
+        """Problems that need no model: the checks PEFT lacks or makes only deep inside `get_peft_model`.
+
+        Types come first (`_type_problems`): a value of the wrong type is named once and not
+        checked further, so nothing below compares or compiles a value of the wrong kind."""
+        found = _type_problems({name: getattr(self, name) for name in MODELLED_FIELDS})
+        if found:
+            return found
+        if not _is_positive_int(self.r) or self.r > MAX_RANK:
+            found.append(f"`r` must be a positive integer up to {MAX_RANK:,}, got {_short(self.r)}")
         if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
             found.append(f"`lora_alpha` must be > 0, got {self.lora_alpha!r}")
         if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
@@ -123,19 +143,24 @@ class LoraSettings:
         if self.bias not in ("none", "all", "lora_only"):
             found.append(f"`bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         for key, value in self.rank_pattern.items():
-            if not _is_positive_int(value):
-                found.append(f"`rank_pattern` value for {key!r} must be a positive integer, got {value!r}")
+            if not _is_positive_int(value) or value > MAX_RANK:
+                found.append(
+                    f"`rank_pattern` value for {key!r} must be a positive integer up to {MAX_RANK:,}, got {_short(value)}"
+                )
         for key, value in self.alpha_pattern.items():
             if not _is_number(value) or value <= 0:
                 found.append(f"`alpha_pattern` value for {key!r} must be > 0, got {value!r}")
+        found += _regex_problems(self)
         if isinstance(self.target_modules, tuple) and not self.target_modules and not self.target_parameters:
             found.append("`target_modules` is empty: name at least one module, a regex or 'all-linear'")
         if self.layers_to_transform is not None:
             layers = (
                 (self.layers_to_transform,) if isinstance(self.layers_to_transform, int) else self.layers_to_transform
             )
-            if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
-                found.append(f"`layers_to_transform` must hold non-negative integers, got {self.layers_to_transform!r}")
+            if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < MAX_LAYER for i in layers):
+                found.append(
+                    f"`layers_to_transform` must hold layer indices from 0 to {MAX_LAYER - 1}, got {_short(self.layers_to_transform)}"
+                )
             if isinstance(self.target_modules, str):
                 found.append(
                     "`layers_to_transform` cannot be used with a regex or 'all-linear' `target_modules`: give a list"
@@ -215,20 +240,29 @@ class LoraSettings:
         return cls(**kwargs, peft_extras=extras)
 
     @classmethod
-    def from_json(cls, text: str) -> LoraSettings:
+    def from_json(cls, text: str | bytes) -> LoraSettings:
         """Settings from adapter_config.json text; malformed JSON raises `LoraSettingsError`."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise LoraSettingsError(
-                [f"not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"]
-            ) from None
-        return cls.from_peft_dict(data)
+        return cls.from_peft_dict(parse_json(text))
 
     @classmethod
     def from_peft_config(cls, config) -> LoraSettings:
         """Settings from a `peft.LoraConfig`."""
         return cls.from_peft_dict(config.to_dict())
+
+
+def parse_json(text: str | bytes) -> Any:
+    """JSON text (or UTF-8 bytes) as data; anything else raises `LoraSettingsError` in one line."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise LoraSettingsError(["not a text file: give the adapter_config.json itself"]) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise LoraSettingsError([f"not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"]) from None
+    except RecursionError:
+        raise LoraSettingsError(["not valid JSON: nested too deeply"]) from None
 
 
 def unknown_keys(data: Mapping[str, Any]) -> list[str]:
@@ -251,20 +285,79 @@ def _lora_config_defaults() -> dict[str, Any]:
 
 
 def _type_problems(kwargs: Mapping[str, Any]) -> list[str]:
+    """Fields whose value has the wrong type, each named with what it must be."""
     problems = []
     for name in ("rank_pattern", "alpha_pattern"):
-        if kwargs.get(name) is not None and not isinstance(kwargs[name], Mapping):
-            problems.append(f"`{name}` must be an object mapping regex keys to numbers")
+        value = kwargs.get(name)
+        if value is not None and not isinstance(value, Mapping):
+            problems.append(f"`{name}` must be an object mapping regex keys to numbers, got {_short(value)}")
+        elif value and any(not isinstance(key, str) or not key for key in value):
+            problems.append(f"`{name}` keys must be non-empty strings (regexes on module names)")
     for name in ("target_modules", "exclude_modules"):
         value = kwargs.get(name)
         if value is not None and not isinstance(value, (str, list, tuple, set, frozenset)):
-            problems.append(f"`{name}` must be a list of names or a regex string")
-        if isinstance(value, (list, tuple, set, frozenset)) and any(not isinstance(v, str) for v in value):
-            problems.append(f"`{name}` must hold strings only")
+            problems.append(f"`{name}` must be a list of names or a regex string, got {_short(value)}")
+        elif isinstance(value, (list, tuple, set, frozenset)) and any(not isinstance(v, str) or not v for v in value):
+            problems.append(f"`{name}` must hold non-empty strings only, got {_short(value)}")
+    for name in ("target_parameters", "modules_to_save", "layers_pattern"):
+        value = kwargs.get(name)
+        strings = isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value)
+        if value is not None and not (strings or (isinstance(value, str) and value)):
+            problems.append(f"`{name}` must be a list of names, got {_short(value)}")
+    layers = kwargs.get("layers_to_transform")
+    if layers is not None and not (
+        _is_int(layers) or (isinstance(layers, (list, tuple)) and all(map(_is_int, layers)))
+    ):
+        problems.append(f"`layers_to_transform` must be a layer index or a list of them, got {_short(layers)}")
+    if "r" in kwargs and not _is_int(kwargs["r"]):
+        problems.append(f"`r` must be a positive integer, got {_short(kwargs['r'])}")
+    for name in ("lora_alpha", "lora_dropout"):
+        if name in kwargs and not _is_number(kwargs[name]):
+            problems.append(f"`{name}` must be a finite number, got {_short(kwargs[name])}")
     for name in ("use_rslora", "use_dora", "lora_bias"):
         if name in kwargs and not isinstance(kwargs[name], bool):
-            problems.append(f"`{name}` must be true or false, got {kwargs[name]!r}")
+            problems.append(f"`{name}` must be true or false, got {_short(kwargs[name])}")
+    task = kwargs.get("task_type")
+    if task is not None and not isinstance(task, str) and not isinstance(getattr(task, "value", None), str):
+        problems.append(f"`task_type` must be a string such as 'CAUSAL_LM', got {_short(task)}")
     return problems
+
+
+def _regex_problems(settings: LoraSettings) -> list[str]:
+    """Every regex PEFT compiles (a string `target_modules` / `exclude_modules`, `rank_pattern` and
+    `alpha_pattern` keys, `layers_pattern`), compiled here first so a bad one is a message, not a
+    traceback deep inside matching."""
+    found = []
+    for name in ("target_modules", "exclude_modules"):
+        value = getattr(settings, name)
+        if isinstance(value, str) and value != ALL_LINEAR:
+            found += _compile_problem(name, value)
+    for name in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(settings, name):
+            found += _compile_problem(f"{name} key", key)
+    patterns = settings.layers_pattern
+    for pattern in (patterns,) if isinstance(patterns, str) else patterns or ():
+        found += _compile_problem("layers_pattern", pattern)
+    return found
+
+
+def _compile_problem(what: str, pattern: str) -> list[str]:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as error:
+        reason = getattr(error, "msg", None) or type(error).__name__
+        return [f"`{what}` {_short(pattern)} is not a valid regex ({reason}): fix or escape it"]
+    return []
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """`repr(value)`, cut to `limit` characters so one huge value keeps the message to one line."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_positive_int(value: Any) -> bool:

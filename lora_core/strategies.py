@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from lora_core.errors import InputError
 from lora_core.models import Inventory
 from lora_core.roles import ATTENTION_ROLES, MLP_ROLES
 from lora_core.settings import ALL_LINEAR, LoraSettings
@@ -28,7 +29,7 @@ STRATEGIES: dict[str, tuple[str, ...] | str] = {
 _ADAPTABLE = ("linear", "conv1d", "embedding", "conv")
 
 
-class StrategyError(ValueError):
+class StrategyError(InputError):
     """A strategy this architecture's module names cannot express."""
 
 

@@ -141,3 +141,74 @@ def test_mixtral_experts_are_fused_parameters() -> None:
 def test_facts_for_the_overview() -> None:
     facts = inventory(resolve_model("meta-llama/Llama-2-7b-hf")).facts
     assert facts["layers"] == 32 and facts["hidden_size"] == 4096 and facts["intermediate_size"] == 11008
+
+
+# --- hostile configs and paths ---------------------------------------------------------------------
+
+
+def _llama(**changes) -> str:
+    config = resolve_model("meta-llama/Llama-2-7b-hf").config
+    return json.dumps({**config, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_hidden_layers": 1_000_000}, "`num_hidden_layers` = 1,000,000 is beyond any real model"),
+        ({"hidden_size": 1e9}, "`hidden_size` = 1,000,000,000 is beyond any real model"),
+        ({"num_hidden_layers": -1}, "`num_hidden_layers` must be a whole number"),
+        ({"intermediate_size": 2.5}, "`intermediate_size` must be a whole number"),
+        ({"vocab_size": 1 << 40}, "`vocab_size`"),
+        ({"text_config": {"num_hidden_layers": 10**7}}, "`num_hidden_layers`"),
+    ],
+)
+def test_absurd_sizes_are_refused_before_anything_is_built(changes, message) -> None:
+    """Before: 1,000,000 layers ran 240 s to 8 GB; hidden_size 1e9 gave negative counts."""
+    with pytest.raises(ModelResolutionError, match=message):
+        spec_from_text(_llama(**changes), "hostile.json")
+
+
+def test_a_model_beyond_the_parameter_limit_is_refused_and_counts_never_wrap() -> None:
+    """Each size within its limit, the whole far beyond any real model: refused by its total,
+    which is summed in Python integers (a numpy int64 sum wrapped to negative counts)."""
+    spec = spec_from_text(_llama(hidden_size=65536, intermediate_size=1 << 20, num_hidden_layers=1024), "big.json")
+    with pytest.raises(ModelResolutionError, match="beyond any real model"):
+        inventory(spec)
+
+
+def test_a_binary_file_as_model_path_is_one_line(tmp_path) -> None:
+    binary = tmp_path / "config.json"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 10)
+    with pytest.raises(ModelResolutionError, match="not UTF-8 text"):
+        resolve_model(str(binary))
+    with pytest.raises(ModelResolutionError, match="not UTF-8 text"):
+        resolve_model(str(tmp_path))
+
+
+def test_local_roots_answer_the_same_for_every_path_outside(tmp_path) -> None:
+    """A shared server must not tell missing files, folders and non-JSON files apart."""
+    inside = tmp_path / "models"
+    inside.mkdir()
+    (inside / "config.json").write_text(resolve_model("facebook/opt-125m").config_json)
+    (inside / "escape").symlink_to("/etc")
+    roots = (inside.resolve(),)
+    assert resolve_model(str(inside), local_roots=roots).source == "local"
+    messages = set()
+    for probe in ("/etc/passwd", "/etc", "/no/such/file.json", str(inside / "escape" / "passwd"), "../x/config.json"):
+        with pytest.raises(ModelResolutionError) as error:
+            resolve_model(probe, local_roots=roots)
+        messages.add(str(error.value).removeprefix(probe))
+    assert messages == {f": local paths are limited to {roots[0]} on this server"}
+    with pytest.raises(ModelResolutionError, match="local model paths are off"):
+        resolve_model(str(inside), local_roots=())
+
+
+def test_local_model_roots_setting(monkeypatch, tmp_path) -> None:
+    from lora_core.models import local_model_roots
+
+    monkeypatch.delenv("LORA_EXPLORER_MODEL_ROOTS", raising=False)
+    assert local_model_roots() is None
+    monkeypatch.setenv("LORA_EXPLORER_MODEL_ROOTS", "")
+    assert local_model_roots() == ()
+    monkeypatch.setenv("LORA_EXPLORER_MODEL_ROOTS", f"{tmp_path}:/models")
+    assert local_model_roots() == (tmp_path.resolve(), Path("/models").resolve())

@@ -133,3 +133,56 @@ def test_settings_hash_and_equality_ignore_list_vs_tuple() -> None:
     a = LoraSettings(target_modules=["q_proj"], rank_pattern={"q_proj": 4})
     b = LoraSettings(target_modules=("q_proj",), rank_pattern={"q_proj": 4})
     assert a == b and hash(a) == hash(b)
+
+
+# --- hostile values: one message naming the field, never a traceback ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"target_modules": "["}, "`target_modules`"),
+        ({"exclude_modules": "(a"}, "`exclude_modules`"),
+        ({"rank_pattern": {"[": 4}}, "`rank_pattern key`"),
+        ({"alpha_pattern": {"*x": 4}}, "`alpha_pattern key`"),
+        ({"layers_pattern": "(", "layers_to_transform": (0,)}, "`layers_pattern`"),
+        ({"r": 1 << 20}, "`r`"),
+        ({"layers_to_transform": (0, 99_999_999)}, "`layers_to_transform`"),
+    ],
+)
+def test_bad_regexes_and_absurd_sizes_are_problems_not_tracebacks(changes, field) -> None:
+    problems = LoraSettings(target_modules=("q_proj",)).replace(**changes).problems()
+    assert len(problems) == 1 and field in problems[0], problems
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"modules_to_save": 5}, "`modules_to_save`"),
+        ({"r": "8"}, "`r`"),
+        ({"lora_alpha": "16"}, "`lora_alpha`"),
+        ({"lora_dropout": [0.1]}, "`lora_dropout`"),
+        ({"lora_alpha": float("nan")}, "`lora_alpha`"),
+        ({"target_modules": [["q_proj"]]}, "`target_modules`"),
+        ({"layers_to_transform": "0-3"}, "`layers_to_transform`"),
+        ({"target_parameters": {"a": 1}}, "`target_parameters`"),
+        ({"rank_pattern": {"": 4}}, "`rank_pattern`"),
+    ],
+)
+def test_wrong_types_in_an_adapter_config_name_the_field(data, field) -> None:
+    """Each of these raised a TypeError (or a message without the field) before."""
+    with pytest.raises(LoraSettingsError) as error:
+        LoraSettings.from_peft_dict({"target_modules": ["q_proj"], **data})
+    assert field in str(error.value) and "\n" not in str(error.value)
+
+
+def test_constructing_with_a_wrong_type_is_refused_at_once() -> None:
+    with pytest.raises(LoraSettingsError, match="`target_modules`"):
+        LoraSettings(target_modules=[["unhashable"]])
+
+
+def test_binary_and_deeply_nested_json_are_refused_in_one_line() -> None:
+    with pytest.raises(LoraSettingsError, match="not a text file"):
+        LoraSettings.from_json(b"\x7fELF\x02\x01\x01\x00\xff\xfe")
+    with pytest.raises(LoraSettingsError, match="nested too deeply"):
+        LoraSettings.from_json("[" * 100_000 + "]" * 100_000)

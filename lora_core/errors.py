@@ -1,0 +1,26 @@
+"""The engine's one error type for input a user can fix.
+
+Every message is one line that says what to change. Callers (the CLI, the pages) catch
+`InputError` and nothing broader: any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Bad input (a field, a file, a flag, a link value); `str(error)` is one line saying what to fix.
+
+    A subclass of ValueError so code written against the older per-module types keeps working.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
+
+
+def one_line(text: object) -> str:
+    """`text` as one line: its first non-empty line, or the type name of an empty exception."""
+    if isinstance(text, BaseException):
+        body = str(text).strip()
+        return body.splitlines()[0].strip() if body else type(text).__name__
+    body = str(text).strip()
+    return body.splitlines()[0].strip() if body else ""
