@@ -1,6 +1,8 @@
 """`python -m lora_core`: count LoRA parameters, list the catalogue, map strategies, run a search space.
 
-Bad input prints one line on stderr and exits with code 2.
+Exit codes: 0 success (for `train`: the run completed); 2 bad input, with one line on stderr and
+nothing created; 1 a run that started and then failed or was cancelled (its JSON still printed
+with --json). Any other error is a bug: it keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lora_core.errors import InputError, one_line
+
 EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 1
+_MAX_LORA_FILE_BYTES = 1_000_000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,11 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return EXIT_BAD_INPUT
         return args.handler(args)
-    except _BadInput as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except ValueError as error:  # LoraSettingsError, ModelResolutionError, StrategyError
-        print(f"error: {error}", file=sys.stderr)
+    except (_BadInput, InputError) as error:  # the engine's own types only: anything else is a bug
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
@@ -198,14 +201,21 @@ def _pairs(items: list[str], cast, flag: str) -> dict[str, Any]:
 
 
 def _layers(text: str) -> tuple[int, ...]:
-    layers: list[int] = []
-    try:
-        for part in _csv(text):
-            low, dash, high = part.partition("-")
-            layers += list(range(int(low), int(high) + 1)) if dash else [int(low)]
-    except ValueError:
-        raise _BadInput(f"--layers takes integers and ranges like 0,1,4-7, got {text!r}") from None
-    return tuple(layers)
+    """`0,1,4-7` as layer indices; bounds are checked before a range is expanded (`0-99999999`
+    once took 6.9 GB)."""
+    from lora_core.settings import MAX_LAYER
+
+    layers: set[int] = set()
+    for part in _csv(text):
+        low, dash, high = part.partition("-")
+        try:
+            bounds = (int(low), int(high) if dash else int(low))
+        except ValueError:
+            raise _BadInput(f"--layers takes integers and ranges like 0,1,4-7, got {text!r}") from None
+        if not 0 <= bounds[0] <= bounds[1] < MAX_LAYER:
+            raise _BadInput(f"--layers {part}: layer indices run from 0 to {MAX_LAYER - 1}, low to high")
+        layers.update(range(bounds[0], bounds[1] + 1))
+    return tuple(sorted(layers))
 
 
 def _lora_file_or_default(args: argparse.Namespace):
@@ -221,17 +231,27 @@ def _lora_file_or_default(args: argparse.Namespace):
 
 
 def _load_lora_file(path: str):
-    from lora_core.settings import LoraSettings, LoraSettingsError
+    from lora_core.settings import LoraSettings, LoraSettingsError, parse_json, unknown_keys
 
     file = Path(path)
     if file.is_dir():
         file = file / "adapter_config.json"
     if not file.is_file():
         raise _BadInput(f"--lora {path}: no such file")
+    if file.stat().st_size > _MAX_LORA_FILE_BYTES:
+        raise _BadInput(f"--lora {path}: over {_MAX_LORA_FILE_BYTES:,} bytes; an adapter_config.json is far smaller")
     try:
-        return LoraSettings.from_json(file.read_text())
-    except LoraSettingsError as error:
-        raise _BadInput(f"--lora {path}: {error}") from None
+        data = parse_json(file.read_bytes())
+        settings = LoraSettings.from_peft_dict(data)
+    except (LoraSettingsError, OSError) as error:
+        raise _BadInput(f"--lora {path}: {one_line(error)}") from None
+    ignored = unknown_keys(data)
+    if ignored:
+        print(
+            f"warning: --lora {path}: ignored keys PEFT's LoraConfig does not know: {', '.join(ignored)}",
+            file=sys.stderr,
+        )
+    return settings
 
 
 def _cmd_count(args: argparse.Namespace) -> int:
@@ -340,8 +360,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import threading
 
-    from lora_core.store import NullStore, Store
-    from lora_core.training import TrainConfig, run_training
+    from lora_core.store import NullStore
+    from lora_core.training import TrainConfig, preflight, run_training
 
     settings = _lora_file_or_default(args)
     config = TrainConfig(
@@ -354,46 +374,59 @@ def _cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         device=args.device,
     )
-    problems = config.problems() + settings.problems()
-    if problems:
-        raise _BadInput("; ".join(problems))
+    preflight(config, settings)  # bad input exits 2 here, before a run exists
     # Under `accelerate launch` on several GPUs every rank trains; only rank 0 writes the run.
     primary = int(os.environ.get("RANK", "0")) == 0
-    store = Store.open(args.out) if primary else NullStore()
+    store = _open_store(args.out) if primary else NullStore()
     label = args.name or f"cli r={settings.r}"
-    run_id = store.create_run(label, config.model, config.dataset, settings.to_peft_dict(), vars(config)) or 0
+    run_id = store.create_run(label, config.model, config.dataset, settings.to_peft_dict(), vars(config))
     stop = threading.Event()
     progress = threading.Thread(target=_print_progress, args=(store, run_id, config.steps, stop), daemon=True)
-    if not args.json:
+    if not args.json and primary:
         progress.start()
     try:
         result = run_training(store, run_id, config, settings)
     finally:
         stop.set()
-    run = store.run(run_id) or {}
+    code = 0 if result.status == "completed" else EXIT_RUN_FAILED
     if not primary:
-        return 0 if result.status in ("completed", "cancelled") else 1
+        return code
+    run = store.run(run_id) or {}
     if args.json:
         memory = {key: run.get(key) for key in ("peak_memory_mb", "memory_estimate_mb", "longest_seq")}
         print(
             json.dumps({**result.to_dict(), **memory, "store": str(store.path), "adapter_dir": run.get("adapter_dir")})
         )
-    else:
-        progress.join(timeout=2)
-        print(f"\nrun {run_id}: {result.status}" + (f" ({result.error})" if result.error else ""))
-        if result.eval_losses:
-            print(
-                f"eval loss {result.eval_losses[0][1]:.4f} -> {result.eval_losses[-1][1]:.4f}; {result.tokens_per_s:,.0f} tokens/s"
-            )
-        if run.get("peak_memory_mb"):
-            line = f"peak memory {run['peak_memory_mb']:,.0f} MiB"
-            if run.get("memory_estimate_mb"):
-                error = run["memory_estimate_mb"] / run["peak_memory_mb"] - 1
-                line += f" (estimate {run['memory_estimate_mb']:,.0f} MiB, {error:+.1%})"
-            print(line)
-        if run.get("adapter_dir"):
-            print(f"adapter: {run['adapter_dir']}")
-    return 0 if result.status in ("completed", "cancelled") else 1
+        return code
+    progress.join(timeout=2)
+    print(f"\nrun {run_id}: {result.status}" + (f" ({result.error})" if result.error else ""))
+    if result.eval_losses:
+        print(
+            f"eval loss {result.eval_losses[0][1]:.4f} -> {result.eval_losses[-1][1]:.4f}; {result.tokens_per_s:,.0f} tokens/s"
+        )
+    if run.get("peak_memory_mb"):
+        line = f"peak memory {run['peak_memory_mb']:,.0f} MiB"
+        if run.get("memory_estimate_mb"):
+            error = run["memory_estimate_mb"] / run["peak_memory_mb"] - 1
+            line += f" (estimate {run['memory_estimate_mb']:,.0f} MiB, {error:+.1%})"
+        print(line)
+    if run.get("adapter_dir"):
+        print(f"adapter: {run['adapter_dir']}")
+    return code
+
+
+def _open_store(out: str | None):
+    """The run store at --out (or the default data dir); a folder that cannot hold it is bad input."""
+    import sqlite3
+
+    from lora_core.store import Store
+
+    try:
+        return Store.open(out)
+    except (OSError, sqlite3.Error) as error:
+        where = out or "the default data directory"
+        reason = getattr(error, "strerror", None) or one_line(error)
+        raise _BadInput(f"--out {where}: cannot keep the run store there ({reason}); pick a writable folder") from None
 
 
 def _print_progress(store, run_id: int, steps: int, stop) -> None:
@@ -430,9 +463,14 @@ def _cmd_catalogue(args: argparse.Namespace) -> int:
 
 
 def _cmd_strategies(args: argparse.Namespace) -> int:
+    from lora_core.settings import LoraSettings
     from lora_core.strategies import compare_strategies
 
-    table = compare_strategies(args.model, args.r, args.alpha if args.alpha is not None else args.r)
+    alpha = args.alpha if args.alpha is not None else max(args.r, 1)  # a bad r is reported once, as r
+    problems = LoraSettings(r=args.r, lora_alpha=alpha).problems()  # before the table hides them in a column
+    if problems:
+        raise _BadInput("; ".join(problems))
+    table = compare_strategies(args.model, args.r, alpha)
     if args.json:
         print(table.to_json(orient="records", indent=2))
     else:

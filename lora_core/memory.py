@@ -60,6 +60,11 @@ CPU_PROCESS_BYTES = 420 * MIB
 CPU_ALLOCATOR_SLACK = 0.30
 
 
+# Beyond any real per-device run: larger values are typos, and their estimates mean nothing.
+MAX_BATCH = 1 << 16
+MAX_SEQ_LEN = 1 << 24  # the longest position table models.SIZE_LIMITS allows
+
+
 class MemorySetupError(InputError):
     """A training setup the estimator cannot take; the message names every bad field."""
 
@@ -91,15 +96,12 @@ class TrainSetup:
 
     def problems(self) -> list[str]:
         found = []
-        for name in ("batch_size", "seq_len"):
+        for name, limit in (("batch_size", MAX_BATCH), ("seq_len", MAX_SEQ_LEN), ("eval_batch_size", MAX_BATCH)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                found.append(f"`{name}` must be a positive integer, got {value!r}")
-        eval_batch = self.eval_batch_size
-        if eval_batch is not None and (
-            not isinstance(eval_batch, int) or isinstance(eval_batch, bool) or eval_batch < 1
-        ):
-            found.append(f"`eval_batch_size` must be a positive integer or None, got {self.eval_batch_size!r}")
+            if name == "eval_batch_size" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+                found.append(f"`{name}` must be a positive integer up to {limit:,}, got {str(value)[:40]}")
         for name, allowed in (
             ("dtype", DTYPES),
             ("adapter_dtype", DTYPES),

@@ -20,25 +20,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lora_core.devices import pick_device
+
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-
-
-def pick_device(preference: str | None = None) -> str:
-    """`preference` when given and usable, else "cuda", then "mps", then "cpu"."""
-    import torch
-
-    if preference:
-        if preference.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {preference!r} requested but CUDA is not available")
-        if preference == "mps" and not torch.backends.mps.is_available():
-            raise ValueError("device 'mps' requested but MPS is not available")
-        return preference
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def device_description(device: str | None = None) -> str:

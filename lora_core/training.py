@@ -17,14 +17,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_core.devices import check_device_name, pick_device
+from lora_core.errors import InputError, one_line
 from lora_core.settings import LoraSettings
 from lora_core.store import Store
 
 EMBEDDED = "embedded"
+MAX_STEPS = 100_000
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on; the message is the reason stored with the failed run."""
+
+
+class TrainSetupError(InputError):
+    """A run that cannot start, found before it is created (`preflight`): a bad field, a device
+    this machine lacks, a dataset that cannot be read, a model that is not a causal LM."""
 
 
 @dataclass(frozen=True)
@@ -53,15 +61,26 @@ class TrainConfig:
                 found.append(f"`{name}` must be a positive integer, got {value!r}")
         if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1):
             found.append(f"`learning_rate` must be in (0, 1), got {self.learning_rate!r}")
-        if self.seq_len > 4096:
+        if isinstance(self.seq_len, int) and self.seq_len > 4096:
             found.append("`seq_len` above 4096 is not supported in short runs")
+        if isinstance(self.steps, int) and self.steps > MAX_STEPS:
+            found.append(f"`steps` above {MAX_STEPS:,} is not a short run: use your own training script")
+        if isinstance(self.batch_size, int) and self.batch_size > 1024:
+            found.append("`batch_size` above 1024 is not supported in short runs")
+        if self.device is not None:
+            found += check_device_name(self.device)
+        if not isinstance(self.dataset, str) or not self.dataset.strip():
+            found.append("`dataset` must name a built-in task, upload:PATH or hub:REPO")
+        if not isinstance(self.model, str) or not self.model.strip():
+            found.append("`model` must be 'embedded', a Hub id or a local folder")
         return found
 
 
-def load_model_and_tokenizer(name: str, device: str):
-    """The base causal LM and its tokenizer. Raises `TrainingError` for a model that cannot be
-    loaded or is not a causal LM."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def causal_lm_config(name: str):
+    """(path, config, local_files_only) of a causal LM named "embedded", a Hub id or a folder.
+    Raises `TrainSetupError` when its config cannot be found or it is not a causal LM. The
+    embedded model is converted here if it has not been yet."""
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from lora_core.embedded import EmbeddedModelError, ensure_embedded
@@ -70,26 +89,58 @@ def load_model_and_tokenizer(name: str, device: str):
     try:
         path = str(ensure_embedded()) if name == EMBEDDED else name
     except EmbeddedModelError as error:
-        raise TrainingError(str(error)) from None
+        raise TrainSetupError(str(error)) from None
     local = Path(path).is_dir()
+    if not local and (Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise TrainSetupError(f"model {name!r}: give a model folder (with config.json) or a Hub id")
     offline = not local and not hub_reachable()
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=local or offline)
-    except Exception as error:
-        raise TrainingError(f"model {name!r} could not be loaded ({_first_line(error)})") from None
+    except Exception as error:  # transformers raises many types for a missing or broken config
+        hint = " (the Hub is unreachable and it is not in the local cache)" if offline else ""
+        raise TrainSetupError(f"model {name!r} could not be loaded{hint}: {one_line(error)}") from None
     architectures = getattr(config, "architectures", None) or []
     causal_names = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (architectures and not causal_names):
-        raise TrainingError(f"model {name!r} ({config.model_type}) is not a causal language model: pick a decoder LM")
-    dtype = _dtype(device)
+        raise TrainSetupError(f"model {name!r} ({config.model_type}) is not a causal language model: pick a decoder LM")
+    return path, config, local or offline
+
+
+def load_model_and_tokenizer(name: str, device: str):
+    """The base causal LM and its tokenizer. Raises `TrainSetupError` for a model that is not a
+    causal LM and `TrainingError` for one whose weights cannot be loaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, _, local_only = causal_lm_config(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local or offline)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local or offline)
-    except Exception as error:
-        raise TrainingError(f"model {name!r} could not be loaded ({_first_line(error)})") from None
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(device), local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    except Exception as error:  # as above: any loading failure becomes the run's one-line reason
+        raise TrainingError(f"model {name!r} could not be loaded ({one_line(error)})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def preflight(config: TrainConfig, settings: LoraSettings) -> str:
+    """Everything about a run that can be checked before it is created, so bad input never leaves
+    a failed run behind: the fields, the device (present here), the dataset (read and parsed)
+    and the model (its config found, a causal LM). Returns the device; raises `InputError`."""
+    problems = config.problems() + settings.problems()
+    if problems:
+        raise TrainSetupError("; ".join(problems))
+    device = pick_device(config.device)
+    load_dataset(config.dataset, config.seed)
+    if config.model == EMBEDDED:  # a causal LM by construction; only its package must be there
+        from lora_core.embedded import EmbeddedModelError, gguf_path
+
+        try:
+            gguf_path()
+        except EmbeddedModelError as error:
+            raise TrainSetupError(str(error)) from None
+    else:
+        causal_lm_config(config.model)
+    return device
 
 
 def _dtype(device: str):
@@ -102,15 +153,29 @@ def _dtype(device: str):
 
 def load_dataset(spec: str, seed: int = 0):
     """A `Dataset` for a built-in task name, "upload:<path>" or "hub:<repo id>"."""
-    from lora_core.datasets import BUILTIN_TASKS, DatasetError, builtin_dataset, hub_dataset, parse_upload
+    from lora_core.datasets import (
+        BUILTIN_TASKS,
+        MAX_UPLOAD_BYTES,
+        DatasetError,
+        builtin_dataset,
+        hub_dataset,
+        parse_upload,
+    )
 
     if spec in BUILTIN_TASKS:
         return builtin_dataset(spec, seed=seed)
     if spec.startswith("upload:"):
-        path = Path(spec.removeprefix("upload:"))
+        path = Path(spec.removeprefix("upload:")).expanduser()
         if not path.is_file():
-            raise DatasetError(f"dataset file {path} does not exist")
-        return parse_upload(path.read_bytes(), path.name, seed=seed)
+            what = "is not a file" if path.exists() else "does not exist"
+            raise DatasetError(f"dataset file {path} {what}: give a JSONL or CSV file")
+        if path.stat().st_size > MAX_UPLOAD_BYTES:
+            raise DatasetError(f"dataset file {path} is over {MAX_UPLOAD_BYTES // 1_000_000} MB: use a smaller sample")
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise DatasetError(f"dataset file {path} cannot be read ({error.strerror or error})") from None
+        return parse_upload(data, path.name, seed=seed)
     if spec.startswith("hub:"):
         return hub_dataset(spec.removeprefix("hub:"), seed=seed)
     raise DatasetError(
@@ -247,10 +312,10 @@ def run_training(
 
 
 def _failure_message(error: BaseException) -> str:
-    text = _first_line(error)
+    text = one_line(error)
     if "out of memory" in text.lower() or type(error).__name__ == "OutOfMemoryError":
         return f"out of memory ({text}): lower the batch size or sequence length"
-    return text if isinstance(error, (TrainingError, ValueError)) else f"{type(error).__name__}: {text}"
+    return text if isinstance(error, (TrainingError, InputError)) else f"{type(error).__name__}: {text}"
 
 
 def _train(
@@ -262,7 +327,6 @@ def _train(
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from lora_core.datasets import tokenize_examples
-    from lora_core.simulate import pick_device
 
     problems = config.problems() + settings.problems()
     if problems:
@@ -445,8 +509,3 @@ class _scratch_dir:
         import shutil
 
         shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -106,3 +106,86 @@ def test_module_entry_point_runs_as_a_process() -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: `r` must be a positive integer")
+
+
+# --- the contract under hostile input: exit 2, one line on stderr, nothing created -------------------
+
+
+def _hostile_files(tmp_path: Path) -> dict[str, Path]:
+    files = {
+        "binary": tmp_path / "binary.jsonl",
+        "empty": tmp_path / "empty.jsonl",
+        "folder": tmp_path / "folder.jsonl",
+        "modules_to_save": tmp_path / "mts.json",
+        "wrong_types": tmp_path / "types.json",
+    }
+    files["binary"].write_bytes(b"\x7fELF\x02\x01\x01\x00\xff\xfe" * 100)
+    files["empty"].write_bytes(b"")
+    files["folder"].mkdir()
+    files["modules_to_save"].write_text('{"r": 8, "target_modules": ["q_proj"], "modules_to_save": 5}')
+    files["wrong_types"].write_text('{"r": "8", "lora_alpha": [16], "lora_dropout": "x", "target_modules": ["q_proj"]}')
+    return files
+
+
+HOSTILE_ARGV = [
+    (["count", "--model", "facebook/opt-125m", "--targets", "re:["], "`target_modules` '[' is not a valid regex"),
+    (["count", "--model", "facebook/opt-125m", "--targets", "q_proj", "--rank-pattern", "[=4"], "`rank_pattern key`"),
+    (["count", "--model", "facebook/opt-125m", "--targets", "q_proj", "--layers", "0-99999999"], "from 0 to 1023"),
+    (["count", "--model", "/bin/ls"], "not UTF-8 text"),
+    (["count", "--model", "facebook/opt-125m", "--lora", "{modules_to_save}"], "`modules_to_save` must be a list"),
+    (["count", "--model", "facebook/opt-125m", "--lora", "{wrong_types}"], "`r` must be a positive integer"),
+    (["export", "--model", "facebook/opt-125m", "--lora", "{modules_to_save}"], "`modules_to_save`"),
+    (["strategies", "--model", "facebook/opt-125m", "--r", "0"], "`r` must be a positive integer"),
+    (["memory", "--model", "facebook/opt-125m", "--batch", "1000000000000"], "`batch_size` must be a positive"),
+    (["train", "--dataset", "upload:/no/such/file.jsonl"], "does not exist"),
+    (["train", "--dataset", "upload:{empty}"], "has no rows"),
+    (["train", "--dataset", "upload:{binary}"], "not UTF-8 text"),
+    (["train", "--dataset", "upload:{folder}"], "is not a file"),
+    (["train", "--dataset", "no_such_task"], "unknown dataset"),
+    (["train", "--device", "banana"], "`device` must be cpu, cuda, cuda:N or mps"),
+    (["train", "--steps", "0"], "`steps`"),
+    (["train", "--targets", "re:("], "not a valid regex"),
+    (["train", "--model", "/no/such/folder"], "give a model folder"),
+    (["train", "--out", "/proc/x"], "--out /proc/x: cannot keep the run store there"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), HOSTILE_ARGV)
+def test_hostile_input_exits_2_with_one_line_and_creates_no_run(capsys, tmp_path, monkeypatch, argv, message) -> None:
+    """Before: tracebacks (re.error, UnicodeDecodeError, TypeError), 6.9 GB for a layer range, and
+    `train` exiting 1 or 0 with the reason only in its JSON and a failed run stored each time."""
+    files = _hostile_files(tmp_path)
+    monkeypatch.setenv("LORA_EXPLORER_DATA", str(tmp_path / "data"))
+    argv = [part.format(**files) for part in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2, err
+    assert message in err and err.startswith("error: ")
+    assert len(err.strip().splitlines()) == 1
+    assert out == ""
+    assert not (tmp_path / "data").exists(), "bad input must not create a store or a run"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_on_a_missing_cuda_device_is_bad_input(capsys, tmp_path) -> None:
+    code, _, err = run(capsys, "train", "--device", "cuda", "--out", str(tmp_path / "s"))
+    assert code == 2 and "CUDA is not available" in err and not (tmp_path / "s").exists()
+
+
+def test_unknown_keys_in_a_lora_file_are_warned_about(capsys, tmp_path) -> None:
+    config = tmp_path / "adapter_config.json"
+    config.write_text('{"r": 8, "target_modules": ["q_proj"], "favourite_colour": "blue"}')
+    code, out, err = run(capsys, "count", "--model", "facebook/opt-125m", "--lora", str(config))
+    assert code == 0 and "trainable params" in out
+    assert err.strip() == f"warning: --lora {config}: ignored keys PEFT's LoraConfig does not know: favourite_colour"
+
+
+def test_an_internal_bug_is_not_reported_as_bad_input(capsys, monkeypatch) -> None:
+    """Only the engine's own error type means bad input: a ValueError from a bug keeps its traceback."""
+    import lora_core.strategies
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(lora_core.strategies, "compare_strategies", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["strategies", "--model", "facebook/opt-125m"])

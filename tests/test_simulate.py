@@ -173,3 +173,12 @@ def test_cuda_sweep_matches_cpu() -> None:
     cpu = simulate_rank_sweep(epochs=50, device="cpu", **SMALL)
     gpu = simulate_rank_sweep(epochs=50, device="cuda", **SMALL)
     assert np.allclose(cpu["loss"], gpu["loss"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["banana", "cuda:x", "CPU", "cuda:", " cpu", "cpu\x00", "mps:0"])
+def test_malformed_device_names_are_refused(name) -> None:
+    """`train --device banana` trained on the CPU and reported "completed"."""
+    from lora_core.devices import DeviceError
+
+    with pytest.raises(DeviceError, match="`device` must be cpu, cuda, cuda:N or mps"):
+        pick_device(name)
