@@ -7,21 +7,54 @@ from `lora_core`.
 
 from __future__ import annotations
 
+import hashlib
+import math
+import unicodedata
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 import pandas as pd
 import streamlit as st
 
 import lora_core
-from lora_core import LoraSettings, ModelResolutionError, simulate
+from lora_core import LoraSettings, simulate
+from lora_core.datasets import MAX_UPLOAD_BYTES
+from lora_core.errors import InputError
 from lora_core.guidelines import alpha_advice
+from lora_core.models import MAX_CONFIG_BYTES, local_model_roots
 from lora_core.runner import RunManager
 from lora_core.store import Store, default_data_dir
 from lora_core.strategies import STRATEGIES, StrategyError, describe_targets, resolve_strategy
 
 DEFAULT_MODEL = "meta-llama/Llama-2-7b-hf"
 CUSTOM = "Custom"
-MAX_UPLOAD_MB = 1
+# The sliders' tops. The engine takes r up to 65,536 and dropout in [0, 1); a rank slider that wide
+# would be unusable, so an imported r above 256 is refused with a message, never clamped.
+R_MAX = 256
+DROPOUT_MAX = 0.99
+IMPORT_MAX_BYTES = 1_000_000  # an adapter_config.json or a full JSON export
+
+# What the sidebar edits, with each new session's value. `lx_ok` holds the last value of each that
+# the engine accepted: the settings are built from it, so a bad value in a field shows one error
+# under that field and changes nothing else, and a widget whose value a failed run dropped comes
+# back from it (nothing the user set is lost).
+SIDEBAR_DEFAULTS = {
+    "lx_source": "Catalogue",
+    "lx_catalogue_choice": DEFAULT_MODEL,
+    "lx_model_text": "",
+    "lx_r": 16,
+    "lx_alpha": 32.0,
+    "lx_dropout": 0.05,
+    "lx_strategy": "All attention",
+    "lx_custom_targets": "q_proj, v_proj",
+    "lx_rslora": False,
+    "lx_dora": False,
+    "lx_bias": "none",
+}
+# Sidebar fields checked by the engine (LoraSettings field) and by their widget's range.
+_ENGINE_FIELDS = {"lx_r": "r", "lx_alpha": "lora_alpha", "lx_dropout": "lora_dropout"}
+_ENGINE_FIELDS["lx_custom_targets"] = "target_modules"
+_WIDGET_MAX = {"lx_r": R_MAX, "lx_dropout": DROPOUT_MAX}
 
 
 @dataclass(frozen=True)
@@ -38,34 +71,45 @@ class Current:
 
 def init_state() -> None:
     """Defaults for a new session (kept across pages and reruns)."""
-    defaults = {
-        "lx_spec": lora_core.resolve_model(DEFAULT_MODEL),
-        "lx_catalogue_choice": DEFAULT_MODEL,
-        "lx_r": 16,
-        "lx_alpha": 32.0,
-        "lx_dropout": 0.05,
-        "lx_strategy": "All attention",
-        "lx_custom_targets": "q_proj, v_proj",
-        "lx_rslora": False,
-        "lx_dora": False,
-        "lx_bias": "none",
-        "lx_rank_pattern": {},
-        "lx_alpha_pattern": {},
-        "lx_layers": None,
-    }
     first_run = "lx_spec" not in st.session_state
-    for key, value in defaults.items():
+    if first_run:
+        st.session_state["lx_spec"] = lora_core.resolve_model(DEFAULT_MODEL)
+    for key, value in {"lx_rank_pattern": {}, "lx_alpha_pattern": {}, "lx_layers": None}.items():
         st.session_state.setdefault(key, value)
+    accepted = st.session_state.setdefault("lx_ok", dict(SIDEBAR_DEFAULTS))
+    for key in SIDEBAR_DEFAULTS:
+        st.session_state.setdefault(key, accepted[key])
     if first_run:
         _load_query_params()
     _apply_pending()
 
 
-# Shareable links: the URL carries the model and the settings (?model=...&r=...&alpha=...).
+def field_problem(key: str, value) -> str | None:
+    """Why sidebar field `key` cannot take `value`, in one line (the engine's check, then the
+    widget's range); None when it can."""
+    if key not in _ENGINE_FIELDS:
+        return None
+    if key == "lx_custom_targets":
+        if not isinstance(value, str):
+            return "custom targets must be text"
+        value = parse_targets(value)
+    try:
+        problems = LoraSettings(**{_ENGINE_FIELDS[key]: value}).problems()
+    except InputError as error:
+        return str(error)
+    if problems:
+        return problems[0]
+    if key in _WIDGET_MAX and value > _WIDGET_MAX[key]:
+        return f"`{_ENGINE_FIELDS[key]}` = {value:g} is above the sidebar's maximum of {_WIDGET_MAX[key]:g}"
+    return None
+
+
+# Shareable links: the URL carries the model and the settings (?model=...&r=...&alpha=...). Each
+# value is parsed here, then checked like a sidebar entry (`field_problem`).
 _URL_KEYS = {
-    "r": ("lx_r", lambda v: _int_in(v, 1, 256)),
-    "alpha": ("lx_alpha", lambda v: _float_in(v, 0.5, 4096)),
-    "dropout": ("lx_dropout", lambda v: _float_in(v, 0.0, 0.5)),
+    "r": ("lx_r", lambda v: _number(int, v)),
+    "alpha": ("lx_alpha", lambda v: _number(float, v)),
+    "dropout": ("lx_dropout", lambda v: _number(float, v)),
     "targets": ("lx_strategy", lambda v: v if v in (*STRATEGIES, CUSTOM) else None),
     "custom": ("lx_custom_targets", lambda v: v if v.strip() else None),
     "rslora": ("lx_rslora", lambda v: {"1": True, "0": False}.get(v)),
@@ -74,21 +118,12 @@ _URL_KEYS = {
 }
 
 
-def _int_in(text: str, low: int, high: int) -> int | None:
-    return _number_in(int, text, low, high)
-
-
-def _float_in(text: str, low: float, high: float) -> float | None:
-    return _number_in(float, text, low, high)
-
-
-def _number_in(kind, text: str, low, high):
-    """`text` as a `kind` within [low, high], else None (a bad or stale link value)."""
+def _number(kind, text: str):
+    """`text` as a `kind`, else None (a bad or stale link value)."""
     try:
-        value = kind(text)
-    except ValueError:
+        return kind(text)
+    except (ValueError, OverflowError):
         return None
-    return value if low <= value <= high else None
 
 
 def _load_query_params() -> None:
@@ -101,12 +136,12 @@ def _load_query_params() -> None:
             st.session_state["lx_spec"] = lora_core.resolve_model(model)
             st.session_state["lx_catalogue_choice"] = model
         else:
-            ignored.append(f"model={model}")
+            ignored.append(f"model={_shorten(model)}")
     for name, (key, parse) in _URL_KEYS.items():
         if name in params:
             value = parse(params[name])
-            if value is None:
-                ignored.append(f"{name}={params[name]}")
+            if value is None or field_problem(key, value):
+                ignored.append(f"{name}={_shorten(params[name])}")
             else:
                 st.session_state[key] = value
     if ignored:
@@ -115,14 +150,21 @@ def _load_query_params() -> None:
         )
 
 
+def _shorten(text: str, limit: int = 60) -> str:
+    """A link value for the notice: without control characters, at most `limit` characters."""
+    text = _clean(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _sync_query_params() -> None:
     """Write the current model and settings into the URL so a copied link reopens this view."""
-    state = st.session_state
+    state = st.session_state["lx_ok"]
+    spec = st.session_state["lx_spec"]
     wanted = {
-        "model": state["lx_spec"].model_id if state["lx_spec"].source == "catalogue" else None,
+        "model": spec.model_id if spec.source == "catalogue" else None,
         "r": str(state["lx_r"]),
-        "alpha": f"{float(state['lx_alpha']):g}",
-        "dropout": f"{float(state['lx_dropout']):g}",
+        "alpha": _link_float(state["lx_alpha"]),
+        "dropout": _link_float(state["lx_dropout"]),
         "targets": state["lx_strategy"],
         "custom": state["lx_custom_targets"] if state["lx_strategy"] == CUSTOM else None,
         "rslora": "1" if state["lx_rslora"] else None,
@@ -135,6 +177,13 @@ def _sync_query_params() -> None:
                 del st.query_params[name]
         elif st.query_params.get(name) != value:
             st.query_params[name] = value
+
+
+def _link_float(value) -> str:
+    """A float for the URL: short (`32`), unless that would change it."""
+    value = float(value)
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 def request_apply(changes: dict) -> None:
@@ -156,6 +205,40 @@ def _apply_pending() -> None:
 
 def apply_settings(settings: LoraSettings, inv: lora_core.Inventory) -> None:
     """Make the sidebar show `settings` (a recipe or a search-space row) and rerun."""
+    try:
+        changes, _ = sidebar_changes(settings, inv)
+    except InputError as error:
+        st.error(f"Not applied, the current settings are kept: {error}")
+        return
+    for key in ("lx_rank_pattern", "lx_alpha_pattern", "lx_layers"):  # a recipe leaves these as they are
+        changes.pop(key)
+    request_apply(changes)
+
+
+def sidebar_changes(settings: LoraSettings, inv: lora_core.Inventory) -> tuple[dict, list[str]]:
+    """The sidebar values (widget keys -> values) that show `settings` on `inv`'s model, and the
+    fields of `settings` the sidebar has no place for (Apply leaves them out: say so first).
+
+    Raises `InputError` (one line) for a value the sidebar cannot show as it is, e.g. r above the
+    slider: nothing is ever clamped."""
+    for key, value in (("lx_r", settings.r), ("lx_alpha", settings.lora_alpha), ("lx_dropout", settings.lora_dropout)):
+        problem = field_problem(key, value)
+        if problem and key in _WIDGET_MAX and "maximum" in problem:
+            problem = f"{_ENGINE_FIELDS[key]}={value:g} is above the sidebar's maximum of {_WIDGET_MAX[key]:g}"
+        if problem:
+            raise InputError(problem)
+    if settings.target_modules is None:
+        if settings.target_parameters:
+            raise InputError(
+                "the sidebar needs `target_modules`: this config adapts only `target_parameters`, which it cannot hold"
+            )
+        from lora_core.counting import normalised_peft_config
+
+        config, problems = normalised_peft_config(inv, settings)  # PEFT's default targets for the model type
+        if problems:
+            raise InputError(problems[0])
+        targets = config.target_modules
+        settings = settings.replace(target_modules=targets if isinstance(targets, str) else tuple(targets))
     changes = {
         "lx_r": int(settings.r),
         "lx_alpha": float(settings.lora_alpha),
@@ -163,12 +246,24 @@ def apply_settings(settings: LoraSettings, inv: lora_core.Inventory) -> None:
         "lx_rslora": settings.use_rslora,
         "lx_dora": settings.use_dora,
         "lx_bias": settings.bias,
+        "lx_rank_pattern": dict(settings.rank_pattern),
+        "lx_alpha_pattern": dict(settings.alpha_pattern),
+        "lx_layers": (settings.layers_to_transform,)
+        if isinstance(settings.layers_to_transform, int)
+        else settings.layers_to_transform,
     }
     strategy = strategy_of(settings, inv)
     changes["lx_strategy"] = strategy or CUSTOM
     if strategy is None:
         changes["lx_custom_targets"] = targets_text(settings.target_modules)
-    request_apply(changes)
+    left_out = [
+        name
+        for name in ("exclude_modules", "target_parameters", "layers_pattern", "modules_to_save", "lora_bias")
+        if getattr(settings, name)
+    ]
+    if settings.task_type not in (None, "CAUSAL_LM"):
+        left_out.append(f"task_type={settings.task_type}")
+    return changes, left_out + sorted(settings.peft_extras)
 
 
 def strategy_of(settings: LoraSettings, inv: lora_core.Inventory) -> str | None:
@@ -198,9 +293,20 @@ def render_sidebar() -> None:
         st.subheader("Model")
         _model_picker()
         st.subheader("LoRA settings")
-        st.slider("Rank r", 1, 256, key="lx_r", help="LoRA rank: lora_A is r x in, lora_B is out x r")
-        st.number_input("Alpha (lora_alpha)", min_value=0.5, max_value=4096.0, step=1.0, key="lx_alpha")
-        st.slider("Dropout (lora_dropout)", 0.0, 0.5, step=0.01, key="lx_dropout")
+        st.slider("Rank r", 1, R_MAX, key="lx_r", help="LoRA rank: lora_A is r x in, lora_B is out x r")
+        _accept("lx_r")
+        st.number_input(
+            "Alpha (lora_alpha)",
+            min_value=None,
+            max_value=None,
+            step=1.0,
+            format="%g",
+            key="lx_alpha",
+            help="any number > 0",
+        )
+        _accept("lx_alpha")
+        st.slider("Dropout (lora_dropout)", 0.0, DROPOUT_MAX, step=0.01, key="lx_dropout")
+        _accept("lx_dropout")
         st.selectbox("Target modules", [*STRATEGIES, CUSTOM], key="lx_strategy")
         if st.session_state["lx_strategy"] == CUSTOM:
             st.text_input(
@@ -208,13 +314,29 @@ def render_sidebar() -> None:
                 key="lx_custom_targets",
                 help="comma-separated names (q_proj, v_proj), 'all-linear', or re:REGEX for a regex",
             )
+            _accept("lx_custom_targets")
         st.toggle("rsLoRA (alpha / sqrt(r))", key="lx_rslora")
         st.toggle("DoRA", key="lx_dora")
         st.selectbox("Bias", ["none", "lora_only", "all"], key="lx_bias")
+        for key in SIDEBAR_DEFAULTS.keys() - _ENGINE_FIELDS.keys():
+            if key in st.session_state:  # widgets whose every value is valid: taken as they are
+                st.session_state["lx_ok"][key] = st.session_state[key]
         if st.session_state.get("lx_url_notice"):
             st.warning(st.session_state["lx_url_notice"])
         _sync_query_params()
         _sidebar_download()
+
+
+def _accept(key: str) -> None:
+    """Take the value of sidebar field `key` into the settings when the engine accepts it; else
+    say why, in one line under the field, and keep using the last accepted value."""
+    value = st.session_state[key]
+    problem = field_problem(key, value)
+    if problem is None:
+        st.session_state["lx_ok"][key] = value
+        return
+    kept = st.session_state["lx_ok"][key]
+    st.error(f"{problem}: still using {kept:g}" if isinstance(kept, float) else f"{problem}: still using {kept}")
 
 
 def _sidebar_download() -> None:
@@ -240,19 +362,25 @@ def _model_picker() -> None:
     if source == "Catalogue":
         choice = st.selectbox("Catalogue model", lora_core.catalogue_ids(), key="lx_catalogue_choice")
         if choice != st.session_state["lx_spec"].model_id:
-            st.session_state["lx_spec"] = lora_core.resolve_model(choice)
+            _try_set_model(lambda: lora_core.resolve_model(choice))
     elif source == "Hub id or path":
         name = st.text_input("Hub id, model folder or config.json path", key="lx_model_text")
-        if st.button("Load model", key="lx_load") and name:
-            _try_set_model(lambda: lora_core.resolve_model(name))
+        if st.button("Load model", key="lx_load"):
+            # the server's policy for local paths ($LORA_EXPLORER_MODEL_ROOTS): outside it, one answer
+            _try_set_model(lambda: lora_core.resolve_model(name, local_roots=local_model_roots()))
     else:
-        upload = st.file_uploader("config.json", type=["json"], key="lx_upload", max_upload_size=MAX_UPLOAD_MB)
+        upload = file_upload("config.json", "lx_upload")
         if upload is not None and upload.file_id != st.session_state.get("lx_upload_seen"):
             st.session_state["lx_upload_seen"] = upload.file_id
-            _try_set_model(lambda: lora_core.spec_from_text(upload.getvalue(), upload.name))
+            _try_set_model(lambda: _spec_from_upload(upload))
     if st.session_state.get("lx_model_error"):
         st.error(st.session_state["lx_model_error"])
     st.caption(f"Current: **{st.session_state['lx_spec'].model_id}**")
+
+
+def _spec_from_upload(upload) -> lora_core.ModelSpec:
+    checked = read_upload("lx_upload", upload)
+    return lora_core.spec_from_text(checked.data, checked.name)
 
 
 def _try_set_model(load) -> None:
@@ -260,22 +388,133 @@ def _try_set_model(load) -> None:
     try:
         spec = load()
         lora_core.inventory(spec)
-    except ModelResolutionError as error:
+    except InputError as error:
         st.session_state["lx_model_error"] = f"{error} (keeping {st.session_state['lx_spec'].model_id})"
         return
     st.session_state["lx_model_error"] = None
     st.session_state["lx_spec"] = spec
 
 
+# --- uploads: every uploader goes through `file_upload` and `read_upload` ----------------------
+
+
+@dataclass(frozen=True)
+class UploadRule:
+    """What one uploader takes, checked on the server: the browser's cap can be bypassed."""
+
+    what: str
+    max_bytes: int
+    suffixes: tuple[str, ...]
+
+    @property
+    def max_mb(self) -> int:
+        """The cap in Streamlit's upload unit (MiB), rounded up."""
+        return math.ceil(self.max_bytes / 2**20)
+
+
+# Every uploader in the app, by widget key (`file_upload` refuses a key missing here). The largest
+# cap is also the server's (.streamlit/config.toml `server.maxUploadSize`, checked by a test).
+UPLOADS = {
+    "lx_upload": UploadRule("a config.json", MAX_CONFIG_BYTES, (".json",)),
+    "lx_import_upload": UploadRule("an adapter_config.json", IMPORT_MAX_BYTES, (".json",)),
+    "lx_train_upload": UploadRule("a JSONL or CSV dataset", MAX_UPLOAD_BYTES, (".jsonl", ".json", ".csv")),
+}
+
+
+class UploadError(InputError):
+    """An upload refused before it is parsed: too big, empty, or not one of the uploader's types."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An upload that passed its uploader's rule. `name` is for display only, never a path."""
+
+    data: bytes
+    name: str
+    suffix: str
+    digest: str
+
+    @property
+    def stored_name(self) -> str:
+        """The name to store it under: its content hash and its checked suffix."""
+        return f"{self.digest[:16]}{self.suffix}"
+
+
+def file_upload(label: str, key: str, where=None):
+    """`st.file_uploader` for uploader `key` of `UPLOADS`; read what it returns with `read_upload`.
+
+    No `type=`: Streamlit checks a file's suffix when it reads the widget's state, before the
+    script runs, and a crafted name (a NUL byte, another suffix) becomes a traceback there.
+    `read_upload` checks the suffix instead, with a message."""
+    rule = UPLOADS[key]
+    kinds = ", ".join(rule.suffixes)
+    return (where or st).file_uploader(
+        label, key=key, max_upload_size=rule.max_mb, help=f"{kinds}, at most {rule.max_bytes / 1e6:g} MB"
+    )
+
+
+def read_upload(key: str, upload) -> Upload:
+    """The checked content of `upload` (a Streamlit UploadedFile) from uploader `key`."""
+    rule = UPLOADS[key]
+    size = getattr(upload, "size", None)
+    if isinstance(size, int) and size > rule.max_bytes:  # before the bytes are copied
+        raise UploadError(_too_big(display_name(upload.name), size, rule))
+    return check_upload(key, upload.name, upload.getvalue())
+
+
+def check_upload(key: str, name: str, data: bytes) -> Upload:
+    """`data` uploaded as `name` to uploader `key`, checked against its rule before any parsing:
+    size, then suffix (of the sanitised name), then content. Raises `UploadError` in one line."""
+    rule = UPLOADS[key]
+    shown = display_name(name)
+    if len(data) > rule.max_bytes:
+        raise UploadError(_too_big(shown, len(data), rule))
+    suffix = _suffix(name)
+    if suffix not in rule.suffixes:
+        kinds = (
+            ", ".join(rule.suffixes[:-1]) + " or " + rule.suffixes[-1] if len(rule.suffixes) > 1 else rule.suffixes[0]
+        )
+        raise UploadError(f"{shown}: use a {kinds} file ({rule.what})")
+    if not data.strip():
+        raise UploadError(f"{shown} is empty: choose {rule.what}")
+    return Upload(data, shown, suffix, hashlib.sha256(data).hexdigest())
+
+
+def _too_big(shown: str, size: int, rule: UploadRule) -> str:
+    return f"{shown} is {size / 1e6:,.1f} MB; {rule.what} may be at most {rule.max_bytes / 1e6:g} MB"
+
+
+def _clean(text: str) -> str:
+    """`text` without control, format (bidi overrides, zero-width) and separator characters."""
+    return "".join(c for c in text if unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
+
+
+def _suffix(name: str) -> str:
+    base = _clean(str(name)).replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return PurePosixPath(base).suffix.lower() if base not in ("", ".", "..") else ""
+
+
+def display_name(name: str, limit: int = 80) -> str:
+    """A client-supplied file name made safe to show: its last path part, without control or
+    direction-override characters, at most `limit` characters (the suffix kept)."""
+    base = _clean(str(name)).replace("\\", "/").rsplit("/", 1)[-1].strip() or "(unnamed file)"
+    if len(base) > limit:
+        suffix = PurePosixPath(base).suffix[:16]
+        base = base[: limit - len(suffix) - 1] + "…" + suffix
+    return base
+
+
 def settings_from_state(inv: lora_core.Inventory) -> tuple[LoraSettings, str]:
-    """The LoraSettings the sidebar describes on `inv`'s model, and a note about the targets."""
+    """The LoraSettings the sidebar describes on `inv`'s model (its accepted values), and a note
+    about the targets."""
+    ok = st.session_state["lx_ok"]
     base = LoraSettings(
-        r=int(st.session_state["lx_r"]),
-        lora_alpha=float(st.session_state["lx_alpha"]),
-        lora_dropout=float(st.session_state["lx_dropout"]),
-        use_rslora=bool(st.session_state["lx_rslora"]),
-        use_dora=bool(st.session_state["lx_dora"]),
-        bias=st.session_state["lx_bias"],
+        r=int(ok["lx_r"]),
+        lora_alpha=float(ok["lx_alpha"]),
+        lora_dropout=float(ok["lx_dropout"]),
+        use_rslora=bool(ok["lx_rslora"]),
+        use_dora=bool(ok["lx_dora"]),
+        bias=ok["lx_bias"],
     )
     if base.lora_alpha == int(base.lora_alpha):
         base = base.replace(lora_alpha=int(base.lora_alpha))
@@ -284,9 +523,9 @@ def settings_from_state(inv: lora_core.Inventory) -> tuple[LoraSettings, str]:
         alpha_pattern=dict(st.session_state["lx_alpha_pattern"]),
         layers_to_transform=st.session_state["lx_layers"],
     )
-    strategy = st.session_state["lx_strategy"]
+    strategy = ok["lx_strategy"]
     if strategy == CUSTOM:
-        return base.replace(target_modules=parse_targets(st.session_state["lx_custom_targets"])), ""
+        return base.replace(target_modules=parse_targets(ok["lx_custom_targets"])), ""
     try:
         targets = resolve_strategy(inv, strategy)
     except StrategyError as error:
@@ -328,7 +567,7 @@ def current() -> Current:
     settings, note = settings_from_state(inv)
     try:
         return Current(spec, inv, settings, lora_core.count_lora_params(inv, settings), None, note)
-    except ValueError as error:
+    except InputError as error:
         return Current(spec, inv, settings, None, str(error), note)
 
 

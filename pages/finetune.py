@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
+import csv
+import dataclasses
 import json
 import time
+import unicodedata
+from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -12,13 +15,16 @@ import streamlit as st
 
 import lora_core
 from lora_core.adapters import adapter_zip, effective_ranks
-from lora_core.datasets import BUILTIN_TASKS, MAX_UPLOAD_BYTES, DatasetError, parse_upload
-from lora_core.strategies import STRATEGIES, StrategyError, resolve_strategy
+from lora_core.datasets import BUILTIN_TASKS, parse_upload
+from lora_core.errors import InputError, one_line
+from lora_core.models import local_model_roots
+from lora_core.strategies import STRATEGIES, resolve_strategy
 from lora_core.training import EMBEDDED, TrainConfig, memory_setup
-from pages.common import page_state, run_manager
+from pages.common import Upload, file_upload, page_state, read_upload, run_manager
 
 EMBEDDED_CONFIG = "HuggingFaceTB/SmolLM2-135M"  # same architecture and shapes as the embedded Instruct model
 UPLOAD, HUB = "Upload JSONL/CSV", "Hub dataset id"
+MAX_NAME_CHARS = 200
 
 state = page_state()
 manager = run_manager()
@@ -38,10 +44,80 @@ def training_settings(model_choice: str) -> tuple[lora_core.LoraSettings, str]:
     if strategy not in STRATEGIES:
         return settings, ""
     try:
-        inv = lora_core.inventory(lora_core.resolve_model(spec_name))
+        inv = lora_core.inventory(lora_core.resolve_model(spec_name, local_roots=local_model_roots()))
         return resolve_strategy(inv, strategy).apply(settings), f"{strategy} on {spec_name}"
-    except (ValueError, StrategyError) as error:
+    except InputError as error:
         return settings, f"could not map {strategy} onto {spec_name}: {error}"
+
+
+def training_model(source: str, text: str) -> str:
+    """The model a run trains: the embedded one, or a Hub id / local folder that resolves under
+    this server's policy for local paths ($LORA_EXPLORER_MODEL_ROOTS). Raises `InputError`."""
+    if source.startswith("Embedded"):
+        return EMBEDDED
+    name = text.strip()
+    if not name:
+        raise InputError("give a Hub id or a local folder for the model, or pick the embedded model")
+    lora_core.resolve_model(name, local_roots=local_model_roots())  # a config that cannot resolve cannot train
+    return name
+
+
+def uploaded_dataset(upload) -> Upload:
+    """A dataset upload checked against its uploader's rule and parsed; store it with `store_upload`
+    once the run is accepted. Raises `InputError` in one line."""
+    checked = read_upload("lx_train_upload", upload)
+    try:
+        parse_upload(checked.data, checked.name)
+    except RecursionError:  # parse_upload lets these two through (reported to the engine)
+        raise InputError(f"{checked.name}: not valid JSON (nested too deeply); one JSON object per line") from None
+    except csv.Error as error:
+        raise InputError(f"{checked.name}: not a readable CSV ({one_line(error)})") from None
+    return checked
+
+
+def store_upload(checked: Upload, data_dir: Path) -> Path:
+    """Write a checked upload to <data dir>/uploads/<content hash><checked suffix> (once: same
+    bytes, same file). The client's file name is only ever shown, never used as a path."""
+    folder = data_dir / "uploads"
+    path = folder / checked.stored_name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            partial = path.with_suffix(".part")
+            partial.write_bytes(checked.data)
+            partial.replace(path)
+    except OSError as error:
+        raise InputError(f"{checked.name} could not be stored on the server ({error.strerror or error})") from None
+    return path
+
+
+def hub_dataset_id(text: str) -> str:
+    """A Hub dataset id in the form the Hub allows (owner/name). Raises `InputError`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    name = text.strip()
+    if not name:
+        raise InputError("give a Hub dataset id")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise InputError(
+            f"{shown!r} is not a Hub dataset id: owner/name of letters, digits, '-', '_' and '.', at most 96 characters"
+        ) from None
+    return name
+
+
+def run_name(text: str) -> str | None:
+    """A run name as typed, stripped; None for an empty one. Raises `InputError` for one the runs
+    table cannot show as typed (control or direction-override characters, over 200 characters)."""
+    name = text.strip()
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") for c in name):
+        raise InputError("a run name cannot hold control or direction-override characters: retype it")
+    if len(name) > MAX_NAME_CHARS:
+        raise InputError(f"a run name is at most {MAX_NAME_CHARS} characters, this one has {len(name):,}")
+    return name or None
 
 
 def planned_memory(model_choice: str, settings: lora_core.LoraSettings, config: TrainConfig) -> str:
@@ -57,7 +133,7 @@ def planned_memory(model_choice: str, settings: lora_core.LoraSettings, config: 
         spec = lora_core.resolve_model(EMBEDDED_CONFIG if model_choice == EMBEDDED else model_choice)
         setup = memory_setup(config, config.seq_len, device)
         estimate = estimate_memory(lora_core.inventory(spec), settings, setup)
-    except ValueError:
+    except InputError:
         return ""
     return f"; estimated peak at most {estimate.peak_bytes / 2**20:,.0f} MiB at {config.seq_len} tokens"
 
@@ -72,13 +148,8 @@ with st.form("lx_train_form"):
     task = col2.selectbox(
         "Built-in task", list(BUILTIN_TASKS), key="lx_train_task", format_func=lambda t: f"{t}: {BUILTIN_TASKS[t][1]}"
     )
-    upload = col2.file_uploader(
-        "JSONL or CSV",
-        type=["jsonl", "json", "csv"],
-        key="lx_train_upload",
-        max_upload_size=MAX_UPLOAD_BYTES // 1_000_000,
-    )
-    hub_dataset_id = col2.text_input("Hub dataset id", key="lx_train_hub_dataset")
+    upload = file_upload("JSONL or CSV", "lx_train_upload", where=col2)
+    hub_dataset_id_text = col2.text_input("Hub dataset id", key="lx_train_hub_dataset")
     col3, col4, col5, col6, col7 = st.columns(5)
     steps = col3.number_input("Steps", 1, 2000, 60, key="lx_train_steps")
     learning_rate = col4.select_slider(
@@ -87,37 +158,22 @@ with st.form("lx_train_form"):
     batch_size = col5.select_slider("Batch size", [1, 2, 4, 8, 16], value=4, key="lx_train_batch")
     seq_len = col6.select_slider("Sequence length", [64, 128, 256, 512, 1024], value=128, key="lx_train_seq")
     eval_every = col7.number_input("Eval every", 1, 500, 10, key="lx_train_eval_every")
-    run_name = st.text_input("Run name (optional)", key="lx_train_name")
+    run_name_text = st.text_input("Run name (optional)", key="lx_train_name")
     submitted = st.form_submit_button("Start", type="primary")
 
 if submitted:
-    model_choice = EMBEDDED if model_source.startswith("Embedded") else model_text.strip()
-    problem = None
-    dataset = task
-    if not model_choice:
-        problem = "give a Hub id or a local folder for the model, or pick the embedded model"
-    elif data_source == UPLOAD:
-        if upload is None:
-            problem = "choose a JSONL or CSV file to upload"
-        else:
-            try:
-                data = upload.getvalue()
-                parse_upload(data, upload.name)
-                folder = store.data_dir / "uploads"
-                folder.mkdir(parents=True, exist_ok=True)
-                path = folder / f"{hashlib.sha1(data).hexdigest()[:12]}-{upload.name}"
-                path.write_bytes(data)
-                dataset = f"upload:{path}"
-            except DatasetError as error:
-                problem = str(error)
-    elif data_source == HUB:
-        dataset = f"hub:{hub_dataset_id.strip()}" if hub_dataset_id.strip() else None
-        problem = None if dataset else "give a Hub dataset id"
-    if problem is None and state.error:
-        problem = f"the sidebar settings are invalid: {state.error}"
-    if problem:
-        st.error(f"Not started: {problem}")
-    else:
+    dataset, checked, settings, note = task, None, None, ""
+    try:
+        model_choice = training_model(model_source, model_text)
+        if data_source == UPLOAD:
+            if upload is None:
+                raise InputError("choose a JSONL or CSV file to upload")
+            checked = uploaded_dataset(upload)
+        elif data_source == HUB:
+            dataset = f"hub:{hub_dataset_id(hub_dataset_id_text)}"
+        name = run_name(run_name_text)
+        if state.error:
+            raise InputError(f"the sidebar settings are invalid: {state.error}")
         settings, note = training_settings(model_choice)
         config = TrainConfig(
             model=model_choice,
@@ -128,16 +184,23 @@ if submitted:
             seq_len=int(seq_len),
             eval_every=int(eval_every),
         )
-        try:
-            run_id = manager.submit(config, settings, run_name.strip() or None)
-        except ValueError as error:
-            st.error(f"Not started: {error}")
-        else:
-            st.session_state.setdefault("lx_overlay", [])
-            st.session_state["lx_overlay"] = [*st.session_state["lx_overlay"], run_id]
-            st.success(
-                f"Run {run_id} queued" + (f" ({note})" if note else "") + planned_memory(model_choice, settings, config)
-            )
+        problems = config.problems() + settings.problems()  # what submit refuses, as one line here
+        if problems:
+            raise InputError("; ".join(problems))
+        if checked is not None:
+            config = dataclasses.replace(config, dataset=f"upload:{store_upload(checked, store.data_dir)}")
+    except InputError as error:
+        st.error(f"Not started: {error}")
+    else:
+        run_id = manager.submit(config, settings, name)
+        st.session_state.setdefault("lx_overlay", [])
+        st.session_state["lx_overlay"] = [*st.session_state["lx_overlay"], run_id]
+        details = "; ".join(part for part in (f"dataset {checked.name}" if checked else "", note) if part)
+        st.success(
+            f"Run {run_id} queued"
+            + (f" ({details})" if details else "")
+            + planned_memory(model_choice, settings, config)
+        )
 
 
 def progress_panel(runs: pd.DataFrame, metrics: pd.DataFrame) -> None:
@@ -252,17 +315,20 @@ col1, col2, col3 = st.columns([3, 1, 1])
 new_name = col1.text_input("Name", value=run["name"], key=f"lx_rename_text_{selected}")
 if col2.button("Rename", key="lx_rename"):
     try:
-        store.rename(int(selected), new_name)
+        name = run_name(new_name)
+        if name is None:
+            raise InputError("a run name cannot be empty")
+    except InputError as error:
+        st.error(f"Not renamed: {error}")
+    else:
+        store.rename(int(selected), name)
         st.rerun()
-    except ValueError as error:
-        st.error(str(error))
-if col3.button("Delete", key="lx_delete"):
-    try:
-        store.delete(int(selected))
-        st.session_state["lx_overlay"] = [r for r in st.session_state.get("lx_overlay", []) if r != selected]
-        st.rerun()
-    except ValueError as error:
-        st.error(str(error))
+active = run["status"] in ("queued", "running")
+deleting = col3.button("Delete", key="lx_delete", disabled=active, help="cancel the run first" if active else None)
+if deleting and not active:  # the store refuses to delete an active run
+    store.delete(int(selected))
+    st.session_state["lx_overlay"] = [r for r in st.session_state.get("lx_overlay", []) if r != selected]
+    st.rerun()
 if run.get("peak_memory_mb"):
     kind = "max allocated" if str(run.get("device") or "").startswith("cuda") else "peak RSS"
     col1, col2 = st.columns(2)

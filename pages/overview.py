@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 import lora_core
+from lora_core.errors import InputError
 from lora_core.strategies import SCENARIOS, adapt_to_model, describe_targets
 from pages.common import apply_settings, human, page_state, role_breakdown, show_count, simulation_device
 
@@ -53,7 +54,7 @@ for name, scenario in SCENARIOS.items():
     try:
         counted = lora_core.count_lora_params(state.inventory, recipe)
         cols[2].metric("trainable", f"{counted.trainable_params:,}", help=note or None)
-    except ValueError as error:
+    except InputError as error:
         cols[2].error(str(error))
     if cols[3].button("Apply", key=f"lx_apply_{name}"):
         apply_settings(recipe, state.inventory)

@@ -7,6 +7,7 @@ import streamlit as st
 
 import lora_core
 from lora_core.counting import rank_curve
+from lora_core.errors import InputError
 from lora_core.guidelines import RANK_BANDS, rank_band
 from lora_core.simulate import reconstruction_error, simulate_rank_sweep
 from lora_core.strategies import STRATEGIES, resolve_strategy
@@ -58,7 +59,7 @@ for model_id in [state.spec.model_id, *compare]:
         )
         settings = state.settings if model_id == state.spec.model_id else on_model(state, inv)
         curve = rank_curve(inv, settings, RANKS)
-    except ValueError as error:
+    except InputError as error:
         st.warning(f"{model_id}: {error}")
         continue
     y = curve["percent"] if as_percent else curve["trainable_params"]

@@ -6,6 +6,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import lora_core
+from lora_core.errors import InputError
 from lora_core.strategies import SEARCH_SPACES, adapt_to_model, count_search_space, search_space
 from pages.common import apply_settings, page_state, show_count
 
@@ -25,7 +26,7 @@ show_count(state)
 priority = st.radio("Priority", list(SEARCH_SPACES), index=1, horizontal=True, key="lx_search_priority")
 try:
     table = cached_space(state.inventory, state.spec.key, priority)
-except ValueError as error:
+except InputError as error:
     st.error(f"This grid cannot be counted on {state.spec.model_id}: {error}")
     st.stop()
 st.write(f"**{len(table)} configurations** on {state.spec.model_id}.")

@@ -8,10 +8,23 @@ import streamlit as st
 
 import lora_core
 from lora_core.counting import matched_module_names
+from lora_core.errors import InputError
 from lora_core.strategies import compare_strategies, describe_targets
 from pages.common import CUSTOM, page_state, request_apply, show_count
 
 BYTES = {"fp32": 4, "fp16/bf16": 2}
+
+
+def human_layers(layers) -> str:
+    """(0, 1, 2, 5) -> '0-2, 5'."""
+    layers = sorted(set(layers))
+    runs, start = [], layers[0]
+    for previous, layer in zip(layers, [*layers[1:], None]):
+        if layer != previous + 1:
+            runs.append(f"{start}-{previous}" if previous > start else f"{start}")
+            start = layer
+    return ", ".join(runs)
+
 
 state = page_state()
 settings = state.settings
@@ -112,10 +125,16 @@ limit = st.toggle(
 )
 layer_range = None
 if limit and layers_total > 1:
-    current_layers = st.session_state["lx_layers"] or (0, layers_total - 1)
-    low, high = st.slider(
-        "Layers", 0, layers_total - 1, (min(current_layers), max(current_layers)), key="lx_layer_range"
-    )
+    chosen = st.session_state["lx_layers"]
+    low, high = (min(chosen), max(chosen)) if chosen else (0, layers_total - 1)
+    low, high = min(max(low, 0), layers_total - 1), min(max(high, 0), layers_total - 1)
+    if chosen and tuple(chosen) != tuple(range(low, high + 1)):
+        # an import or another model's range: shown as is; the slider below only replaces it on Apply
+        st.info(
+            f"layers_to_transform is {human_layers(chosen)}, not a range of this model's {layers_total} layers: "
+            "Apply replaces it with the range below."
+        )
+    low, high = st.slider("Layers", 0, layers_total - 1, (low, high), key="lx_layer_range")
     layer_range = tuple(range(low, high + 1))
 if st.button("Apply patterns and layers", key="lx_apply_patterns", type="primary"):
     rank_pattern, alpha_pattern, problems = {}, {}, []
@@ -132,15 +151,18 @@ if st.button("Apply patterns and layers", key="lx_apply_patterns", type="primary
     )
     try:
         lora_core.count_lora_params(state.inventory, candidate)
-    except ValueError as error:
+    except InputError as error:
         st.error(f"Not applied, the current settings are kept: {error}")
     else:
         request_apply({"lx_rank_pattern": rank_pattern, "lx_alpha_pattern": alpha_pattern, "lx_layers": layer_range})
 
 st.subheader("Which concrete modules the targets match")
+problems = settings.problems()  # matching compiles the settings' regexes: only valid settings reach it
 try:
+    if problems:
+        raise InputError(problems[0])
     adapted, left_out = matched_module_names(state.inventory, settings)
-except ValueError as error:
+except InputError as error:
     st.error(str(error))
 else:
     col1, col2 = st.columns(2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from pathlib import Path
 
@@ -105,3 +107,76 @@ def test_queueing_the_embedded_model_states_its_planned_peak_memory(page: AppTes
     message = next(s.value for s in page.success if "queued" in s.value)
     planned = float(message.split("estimated peak at most ")[1].split(" MiB")[0].replace(",", ""))
     assert 900 < planned < 3000  # fp32 SmolLM2 weights alone are 513 MiB; the process 420 MiB
+
+
+# --- hostile uploads and model paths: never a path from the client, never a traceback ------------
+
+
+def dataset_bytes(name: str) -> bytes:
+    """A valid 20-row dataset in the format `name`'s suffix asks for."""
+    if name.lower().endswith(".csv"):
+        return b"prompt,completion\n" + b"".join(b"reverse %d,%d\n" % (i, i) for i in range(20))
+    return b"".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}).encode() + b"\n" for i in range(20))
+
+
+def upload(at: AppTest, name: str, data: bytes) -> None:
+    at.radio(key="lx_train_data_source").set_value("Upload JSONL/CSV")
+    at.file_uploader(key="lx_train_upload").set_value((name, data, "application/octet-stream"))
+
+
+def not_started(at: AppTest) -> list[str]:
+    return [e.value for e in at.error if e.value.startswith("Not started")]
+
+
+def test_upload_names_never_become_paths(page: AppTest, tiny_model: Path, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    accepted = ["../../x.jsonl", "a/b.csv", "n" * 296 + ".csv", "x\x00.jsonl", "..\\..\\y.JSONL", "\u202ecod.jsonl"]
+    for name in accepted:
+        upload(page, name, dataset_bytes(name))
+        start(page, tiny_model, steps=1)
+        assert not not_started(page), (name, not_started(page))
+        assert any("queued" in s.value for s in page.success), name
+    stored = sorted(p.name for p in (data_dir / "uploads").iterdir())
+    assert len(stored) == 2 and all(re.fullmatch(r"[0-9a-f]{16}\.(jsonl|csv)", n) for n in stored), stored
+    assert not list(tmp_path.rglob("x.jsonl")) and not list(tmp_path.rglob("b.csv"))
+    datasets = runs_table(page)["dataset"].tolist()
+    assert all(d.startswith(f"upload:{data_dir / 'uploads'}/") for d in datasets), datasets
+    for name in ["..", ".", "/etc/passwd", "x.jsonl\x00.exe", "", "a/"]:
+        upload(page, name or "noname", dataset_bytes("x.jsonl"))
+        page.button[0].click().run()
+        assert not page.exception, (name, page.exception)
+        assert len(not_started(page)) == 1 and ".jsonl, .json or .csv" in not_started(page)[0], not_started(page)
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "words"),
+    [
+        ("big.jsonl", b"{}\n" * 7_000_001, "20 MB"),
+        ("bin.csv", bytes(range(256)) * 10, "not UTF-8"),
+        ("deep.jsonl", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        ("wide.csv", b"text\n" + b"x" * 200_000 + b"\n", "field"),
+        ("empty.jsonl", b"", "is empty"),
+    ],
+)
+def test_hostile_upload_is_one_line_before_a_run(page: AppTest, name: str, payload: bytes, words: str) -> None:
+    upload(page, name, payload)
+    page.button[0].click().run()
+    assert not page.exception, page.exception
+    assert len(not_started(page)) == 1 and words in not_started(page)[0], not_started(page)
+    assert statuses(page) == []
+
+
+def test_model_path_outside_the_roots_is_refused_before_a_run(
+    page: AppTest, tiny_model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("LORA_EXPLORER_MODEL_ROOTS", str(tmp_path / "models"))
+    messages = []
+    for path in (str(tiny_model), "/etc/passwd", "/no/such/model", "../../etc"):
+        page.radio(key="lx_train_model_source").set_value("Hub id or local path")
+        page.text_input(key="lx_train_model_text").set_value(path)
+        page.button[0].click().run()
+        assert not page.exception
+        assert len(not_started(page)) == 1, not_started(page)
+        messages.append(not_started(page)[0].replace(path, "PATH"))
+    assert len(set(messages)) == 1 and "limited to" in messages[0], messages
+    assert statuses(page) == []

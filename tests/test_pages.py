@@ -205,3 +205,210 @@ def test_bad_link_parameters_fall_back_with_a_notice() -> None:
     notice = " ".join(w.value for w in at.sidebar.warning)
     assert "model=nobody/nothing" in notice and "r=abc" in notice and "dropout=7" in notice
     assert metric(at, "Trainable parameters") == "16,777,216"
+
+
+# --- hostile input: each defect below was a traceback or a silent change before the fix ---------
+
+EVERY_PAGE = [*PAGES, "finetune"]
+
+
+def visit_every_page(at: AppTest) -> None:
+    """Open each page in this session: none may show an exception or raise one."""
+    for name in EVERY_PAGE:
+        at.switch_page(f"pages/{name}.py").run()
+        assert not at.exception, (name, [e.value for e in at.exception])
+        assert not at.get("exception"), name
+
+
+def sidebar_settings(at: AppTest) -> tuple:
+    return (
+        at.session_state["lx_spec"].model_id,
+        at.slider(key="lx_r").value,
+        at.number_input(key="lx_alpha").value,
+        at.selectbox(key="lx_strategy").value,
+    )
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("LORA_EXPLORER_DATA", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def test_invalid_custom_regex_is_one_sidebar_error_and_every_page_renders(data_dir) -> None:
+    at = open_page("overview")
+    at.selectbox(key="lx_strategy").set_value("Custom").run()
+    at.text_input(key="lx_custom_targets").set_value("re:[").run()
+    assert not at.exception
+    assert len(at.sidebar.error) == 1 and "not a valid regex" in at.sidebar.error[0].value
+    assert "q_proj, v_proj" in at.sidebar.error[0].value  # what the count still uses
+    assert metric(at, "Trainable parameters") == "8,388,608"  # the last valid targets: q_proj, v_proj
+    visit_every_page(at)
+    assert len(at.sidebar.error) == 1
+
+
+def test_link_with_an_invalid_custom_regex_keeps_the_default_with_a_notice() -> None:
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.query_params.update({"targets": "Custom", "custom": "re:["})
+    at.run()
+    assert not at.exception
+    notice = " ".join(w.value for w in at.sidebar.warning)
+    assert "custom=re:[" in notice and "could not be used" in notice
+    assert at.text_input(key="lx_custom_targets").value == "q_proj, v_proj"
+    assert metric(at, "Trainable parameters") == "8,388,608"
+
+
+def test_link_takes_any_alpha_the_engine_takes_and_refuses_the_rest() -> None:
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.query_params.update({"alpha": "5000", "dropout": "0.7"})
+    at.run()
+    assert not at.exception and not at.sidebar.warning
+    assert at.number_input(key="lx_alpha").value == 5000 and at.slider(key="lx_dropout").value == 0.7
+    for bad in ("0", "-1", "nan", "inf", "1e999"):
+        at = AppTest.from_file(APP, default_timeout=180)
+        at.query_params.update({"alpha": bad})
+        at.run()
+        assert not at.exception
+        assert f"alpha={bad}" in " ".join(w.value for w in at.sidebar.warning)
+        assert at.number_input(key="lx_alpha").value == 32
+
+
+def test_import_of_an_invalid_regex_is_refused_and_keeps_the_settings() -> None:
+    at = open_page("export")
+    before = sidebar_settings(at)
+    payload = json.dumps({"r": 8, "lora_alpha": 16, "target_modules": "re:["}).encode()
+    at.file_uploader(key="lx_import_upload").set_value(("adapter_config.json", payload, "application/json")).run()
+    assert not at.exception
+    assert any(e.value.startswith("Not imported") and "not a valid regex" in e.value for e in at.error)
+    assert "lx_import_apply" not in [b.key for b in at.button]
+    assert sidebar_settings(at) == before
+
+
+def import_and_apply(at: AppTest, config: dict) -> None:
+    payload = json.dumps(config).encode()
+    at.file_uploader(key="lx_import_upload").set_value(("adapter_config.json", payload, "application/json")).run()
+    assert not at.exception, at.exception
+    at.button(key="lx_import_apply").click().run()
+    assert not at.exception, at.exception
+
+
+@pytest.mark.parametrize("alpha", [5000, 0.25, 1e-3, 1e6])
+def test_import_of_any_valid_alpha_reaches_the_sidebar_unchanged(alpha: float) -> None:
+    at = open_page("export")
+    import_and_apply(at, {"r": 8, "lora_alpha": alpha, "lora_dropout": 0.7, "target_modules": ["q_proj", "v_proj"]})
+    assert at.number_input(key="lx_alpha").value == alpha
+    assert at.slider(key="lx_dropout").value == 0.7
+    assert not at.sidebar.error
+    assert json.loads(at.code[0].value)["lora_alpha"] == alpha
+
+
+def test_import_the_sidebar_cannot_hold_is_refused_in_one_line() -> None:
+    at = open_page("export")
+    before = sidebar_settings(at)
+    for config, words in [
+        ({"r": 512, "target_modules": ["q_proj"]}, "r=512"),
+        ({"r": 8, "lora_dropout": 0.995, "target_modules": ["q_proj"]}, "lora_dropout=0.995"),
+    ]:
+        payload = json.dumps(config).encode()
+        at.file_uploader(key="lx_import_upload").set_value(("a.json", payload, "application/json")).run()
+        assert not at.exception
+        assert any(e.value.startswith("Not imported") and words in e.value for e in at.error), [
+            e.value for e in at.error
+        ]
+        assert "lx_import_apply" not in [b.key for b in at.button]
+        assert sidebar_settings(at) == before
+
+
+def test_import_names_what_the_sidebar_leaves_out() -> None:
+    at = open_page("export")
+    config = {"r": 8, "target_modules": ["q_proj", "v_proj"], "exclude_modules": ["k_proj"]}
+    config |= {"modules_to_save": ["lm_head"], "init_lora_weights": "gaussian"}
+    payload = json.dumps(config).encode()
+    at.file_uploader(key="lx_import_upload").set_value(("a.json", payload, "application/json")).run()
+    notes = " ".join(w.value for w in at.warning)
+    assert all(name in notes for name in ("exclude_modules", "modules_to_save", "init_lora_weights")), notes
+
+
+def test_import_without_target_modules_takes_peft_default_for_the_model() -> None:
+    at = open_page("export")
+    import_and_apply(at, {"r": 8, "lora_alpha": 16})
+    assert at.selectbox(key="lx_strategy").value == "Q,V"  # PEFT's default for llama: q_proj, v_proj
+    assert metric(at, "Trainable parameters") == "4,194,304"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x89PNG\r\n\x1a\n" + bytes(range(256)),
+        b"",
+        b"   \n\t ",
+        b"[]",
+        b'{"r": "8"}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"target_modules": ["q_proj"], "eva_config": []}',
+        b'{"target_modules": ["q_proj"], "layer_replication": ' + b"[" * 900 + b"]" * 900 + b"}",
+        b"{}" + b" " * 2_000_000,
+    ],
+)
+def test_import_of_a_hostile_file_is_refused_in_one_line(payload: bytes) -> None:
+    at = open_page("export")
+    before = sidebar_settings(at)
+    at.file_uploader(key="lx_import_upload").set_value(("adapter_config.json", payload, "application/json")).run()
+    assert not at.exception, at.exception
+    refusals = [e.value for e in at.error if e.value.startswith("Not imported")]
+    assert len(refusals) == 1 and "\n" not in refusals[0], [e.value for e in at.error]
+    assert sidebar_settings(at) == before
+
+
+def test_import_over_the_limit_is_refused_before_parsing() -> None:
+    at = open_page("export")
+    payload = b'{"r": 8, "target_modules": ["q_proj"]}' + b" " * 2_000_000  # valid JSON, 2 MB
+    at.file_uploader(key="lx_import_upload").set_value(("adapter_config.json", payload, "application/json")).run()
+    assert any("Not imported" in e.value and "1 MB" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def load_model_text(at: AppTest, text: str) -> None:
+    at.radio(key="lx_source").set_value("Hub id or path").run()
+    at.text_input(key="lx_model_text").set_value(text).run()
+    at.button(key="lx_load").click().run()
+    assert not at.exception, at.exception
+
+
+def test_binary_model_path_is_one_line_and_keeps_model_and_settings(monkeypatch) -> None:
+    monkeypatch.delenv("LORA_EXPLORER_MODEL_ROOTS", raising=False)
+    at = open_page("overview")
+    at.selectbox(key="lx_catalogue_choice").set_value("facebook/opt-125m").run()
+    at.slider(key="lx_r").set_value(8).run()
+    at.number_input(key="lx_alpha").set_value(24.0).run()
+    at.selectbox(key="lx_strategy").set_value("Q,V").run()
+    before = sidebar_settings(at)
+    load_model_text(at, "/bin/ls")
+    assert [e.value for e in at.sidebar.error] == [
+        "/bin/ls: not valid JSON (not UTF-8 text); upload the model's config.json (keeping facebook/opt-125m)"
+    ]
+    assert sidebar_settings(at) == before
+    assert metric(at, "Trainable parameters") == "294,912"
+    visit_every_page(at)
+    assert sidebar_settings(at) == before
+
+
+def test_model_paths_outside_the_server_roots_all_get_the_same_line(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LORA_EXPLORER_MODEL_ROOTS", str(tmp_path / "models"))
+    at = open_page("overview")
+    messages = []
+    for path in ("/etc/passwd", "/bin/ls", "/no/such/file", "../../etc/passwd"):
+        load_model_text(at, path)
+        messages.append(at.sidebar.error[0].value.replace(path, "PATH"))
+    assert len(set(messages)) == 1 and "limited to" in messages[0], messages
+    assert at.session_state["lx_spec"].model_id == "meta-llama/Llama-2-7b-hf"
+
+
+@pytest.mark.parametrize("layers", [[40, 41], [0, 5, 9]])
+def test_imported_layers_outside_a_range_of_this_model_are_shown_not_clamped(layers: list[int]) -> None:
+    at = open_page("export")
+    import_and_apply(at, {"r": 8, "target_modules": ["q_proj", "v_proj"], "layers_to_transform": layers})
+    assert at.session_state["lx_layers"] == tuple(layers)
+    at.switch_page("pages/targets.py").run()
+    assert not at.exception, at.exception
+    assert any("not a range of this model's 32 layers" in i.value for i in at.info)
+    assert at.session_state["lx_layers"] == tuple(layers)  # nothing changes until Apply
