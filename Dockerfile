@@ -15,7 +15,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH \
     LORA_EXPLORER_DATA=/data \
-    LORA_EXPLORER_CACHE=/opt/lora-explorer-cache
+    LORA_EXPLORER_CACHE=/opt/lora-explorer-cache \
+    LORA_EXPLORER_MODEL_ROOTS=/models
+
+# The image serves on 0.0.0.0, so others can reach it: the model-path field reads configs only
+# under /models (mount model folders there; LORA_EXPLORER_MODEL_ROOTS= turns local paths off).
 
 # CUDA base images come without Python; the slim Python image already has it. The distribution's
 # own python3 is taken as it comes (versions differ per base image, so they are not pinned).
@@ -38,7 +42,7 @@ COPY . .
 # Convert the embedded GGUF model to safetensors at build time: the app starts ready, offline.
 RUN python -c "from lora_core.embedded import ensure_embedded; print(ensure_embedded())" \
     && useradd --create-home --uid 1000 app \
-    && mkdir -p /data \
+    && mkdir -p /data /models \
     && chown -R app:app /data /app "${LORA_EXPLORER_CACHE}"
 
 USER 1000:1000

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lora_core.errors import short_repr
 from lora_core.models import Inventory, ModelSpec, as_inventory, inventory, meta_model
 from lora_core.settings import ALL_LINEAR, LoraSettings, LoraSettingsError
 
@@ -396,7 +397,7 @@ def _modules_to_save(inv: Inventory, config) -> tuple[int, list[str]]:
     # A copy of an outer module already holds its children.
     outer = [n for n in hits if not any(n.startswith(f"{h}.") for h in hits if h != n)]
     missing = [e for e in entries if not any(n.endswith(e) for n in names)]
-    warnings = [f"`modules_to_save` entry {e!r} matches no module" for e in missing]
+    warnings = [f"`modules_to_save` entry {short_repr(e)} matches no module" for e in missing]
     return int(sum(numel[n] for n in outer)), warnings
 
 
@@ -423,7 +424,7 @@ def _unused_entry_warnings(settings: LoraSettings, names: list[str]) -> list[str
     if not isinstance(settings.target_modules, tuple):
         return []
     unused = [t for t in settings.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
-    return [f"`target_modules` entry {t!r} matches no module" for t in unused]
+    return [f"`target_modules` entry {short_repr(t)} matches no module" for t in unused]
 
 
 def adaptable_leaf_names(inv: Inventory) -> list[str]:
@@ -435,6 +436,9 @@ def adaptable_leaf_names(inv: Inventory) -> list[str]:
 def matched_module_names(model: str | ModelSpec | Inventory, settings: LoraSettings) -> tuple[list[str], list[str]]:
     """(adapted, left out): the full names PEFT adapts under `settings`, and the adaptable ones it
     leaves alone (e.g. the output head under `"all-linear"`)."""
+    problems = settings.problems()  # a bad regex is a message here too, never a re.error
+    if problems:
+        raise LoraSettingsError(problems)
     inv = as_inventory(model)
     plan = _plan(inv, _plan_key(settings, inv))
     adapted = plan.arrays["name"].tolist()
@@ -444,7 +448,7 @@ def matched_module_names(model: str | ModelSpec | Inventory, settings: LoraSetti
 
 
 def _show(target: Any) -> str:
-    return repr(list(target)) if isinstance(target, tuple) else repr(target)
+    return short_repr(list(target) if isinstance(target, tuple) else target, 200)
 
 
 def effective_scale(r: int, lora_alpha: float, use_rslora: bool = False) -> float:

@@ -117,7 +117,10 @@ def parse_upload(data: bytes, filename: str, eval_fraction: float = 0.1, seed: i
     if suffix in (".jsonl", ".json"):
         rows = _jsonl_rows(text, filename)
     elif suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(text)))
+        try:
+            rows = list(csv.DictReader(io.StringIO(text)))
+        except csv.Error as error:  # e.g. a field over csv.field_size_limit(), a NUL byte
+            raise DatasetError(f"{filename}: not a readable CSV file ({error}); save it as plain CSV") from None
     else:
         raise DatasetError(f"{filename}: use a .jsonl or .csv file")
     return split_examples(Path(filename).stem, rows_to_examples(rows, filename), eval_fraction, seed)
@@ -134,6 +137,8 @@ def _jsonl_rows(text: str, filename: str) -> list[dict]:
             raise DatasetError(
                 f"{filename} line {number}: not valid JSON ({error.msg}); one JSON object per line"
             ) from None
+        except RecursionError:
+            raise DatasetError(f"{filename} line {number}: JSON nested too deeply; one flat object per line") from None
         if not isinstance(row, dict):
             raise DatasetError(f"{filename} line {number}: each line must be a JSON object")
         rows.append(row)

@@ -24,3 +24,10 @@ def one_line(text: object) -> str:
         return body.splitlines()[0].strip() if body else type(text).__name__
     body = str(text).strip()
     return body.splitlines()[0].strip() if body else ""
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters, so a huge hostile value keeps a message to one
+    readable line."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

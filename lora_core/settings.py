@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lora_core.errors import InputError
+from lora_core.errors import InputError, one_line, short_repr
 
 ALL_LINEAR = "all-linear"
 # Beyond any useful rank (the widest real layers are ~16k-54k wide): keeps every count inside int64.
@@ -92,7 +92,7 @@ class LoraSettings:
         if wrong:
             raise LoraSettingsError(wrong)
         if not isinstance(self.peft_extras, Mapping) and self.peft_extras is not None:
-            raise LoraSettingsError([f"`peft_extras` must be a mapping, got {_short(self.peft_extras)}"])
+            raise LoraSettingsError([f"`peft_extras` must be a mapping, got {short_repr(self.peft_extras)}"])
         # Lists become tuples so equal settings compare and hash equal. PEFT turns target,
         # exclude and parameter lists into sets, so their order means nothing: sort them.
         for name in ("target_modules", "exclude_modules", "target_parameters"):
@@ -135,7 +135,7 @@ class LoraSettings:
         if found:
             return found
         if not _is_positive_int(self.r) or self.r > MAX_RANK:
-            found.append(f"`r` must be a positive integer up to {MAX_RANK:,}, got {_short(self.r)}")
+            found.append(f"`r` must be a positive integer up to {MAX_RANK:,}, got {short_repr(self.r)}")
         if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
             found.append(f"`lora_alpha` must be > 0, got {self.lora_alpha!r}")
         if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
@@ -145,12 +145,14 @@ class LoraSettings:
         for key, value in self.rank_pattern.items():
             if not _is_positive_int(value) or value > MAX_RANK:
                 found.append(
-                    f"`rank_pattern` value for {key!r} must be a positive integer up to {MAX_RANK:,}, got {_short(value)}"
+                    f"`rank_pattern` value for {key!r} must be a positive integer up to {MAX_RANK:,}, got {short_repr(value)}"
                 )
         for key, value in self.alpha_pattern.items():
             if not _is_number(value) or value <= 0:
                 found.append(f"`alpha_pattern` value for {key!r} must be > 0, got {value!r}")
         found += _regex_problems(self)
+        if self.peft_extras and not found:
+            found += _extras_problems(self)
         if isinstance(self.target_modules, tuple) and not self.target_modules and not self.target_parameters:
             found.append("`target_modules` is empty: name at least one module, a regex or 'all-linear'")
         if self.layers_to_transform is not None:
@@ -159,7 +161,7 @@ class LoraSettings:
             )
             if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < MAX_LAYER for i in layers):
                 found.append(
-                    f"`layers_to_transform` must hold layer indices from 0 to {MAX_LAYER - 1}, got {_short(self.layers_to_transform)}"
+                    f"`layers_to_transform` must hold layer indices from 0 to {MAX_LAYER - 1}, got {short_repr(self.layers_to_transform)}"
                 )
             if isinstance(self.target_modules, str):
                 found.append(
@@ -290,37 +292,49 @@ def _type_problems(kwargs: Mapping[str, Any]) -> list[str]:
     for name in ("rank_pattern", "alpha_pattern"):
         value = kwargs.get(name)
         if value is not None and not isinstance(value, Mapping):
-            problems.append(f"`{name}` must be an object mapping regex keys to numbers, got {_short(value)}")
+            problems.append(f"`{name}` must be an object mapping regex keys to numbers, got {short_repr(value)}")
         elif value and any(not isinstance(key, str) or not key for key in value):
             problems.append(f"`{name}` keys must be non-empty strings (regexes on module names)")
     for name in ("target_modules", "exclude_modules"):
         value = kwargs.get(name)
         if value is not None and not isinstance(value, (str, list, tuple, set, frozenset)):
-            problems.append(f"`{name}` must be a list of names or a regex string, got {_short(value)}")
+            problems.append(f"`{name}` must be a list of names or a regex string, got {short_repr(value)}")
         elif isinstance(value, (list, tuple, set, frozenset)) and any(not isinstance(v, str) or not v for v in value):
-            problems.append(f"`{name}` must hold non-empty strings only, got {_short(value)}")
+            problems.append(f"`{name}` must hold non-empty strings only, got {short_repr(value)}")
     for name in ("target_parameters", "modules_to_save", "layers_pattern"):
         value = kwargs.get(name)
         strings = isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value)
         if value is not None and not (strings or (isinstance(value, str) and value)):
-            problems.append(f"`{name}` must be a list of names, got {_short(value)}")
+            problems.append(f"`{name}` must be a list of names, got {short_repr(value)}")
     layers = kwargs.get("layers_to_transform")
     if layers is not None and not (
         _is_int(layers) or (isinstance(layers, (list, tuple)) and all(map(_is_int, layers)))
     ):
-        problems.append(f"`layers_to_transform` must be a layer index or a list of them, got {_short(layers)}")
+        problems.append(f"`layers_to_transform` must be a layer index or a list of them, got {short_repr(layers)}")
     if "r" in kwargs and not _is_int(kwargs["r"]):
-        problems.append(f"`r` must be a positive integer, got {_short(kwargs['r'])}")
+        problems.append(f"`r` must be a positive integer, got {short_repr(kwargs['r'])}")
     for name in ("lora_alpha", "lora_dropout"):
         if name in kwargs and not _is_number(kwargs[name]):
-            problems.append(f"`{name}` must be a finite number, got {_short(kwargs[name])}")
+            problems.append(f"`{name}` must be a finite number, got {short_repr(kwargs[name])}")
     for name in ("use_rslora", "use_dora", "lora_bias"):
         if name in kwargs and not isinstance(kwargs[name], bool):
-            problems.append(f"`{name}` must be true or false, got {_short(kwargs[name])}")
+            problems.append(f"`{name}` must be true or false, got {short_repr(kwargs[name])}")
     task = kwargs.get("task_type")
     if task is not None and not isinstance(task, str) and not isinstance(getattr(task, "value", None), str):
-        problems.append(f"`task_type` must be a string such as 'CAUSAL_LM', got {_short(task)}")
+        problems.append(f"`task_type` must be a string such as 'CAUSAL_LM', got {short_repr(task)}")
     return problems
+
+
+def _extras_problems(settings: LoraSettings) -> list[str]:
+    """The LoraConfig fields this object carries unmodelled (`peft_extras`, e.g. `eva_config`),
+    checked by building the LoraConfig they go into: its own checks raise TypeError, ValueError or
+    worse for a bad value, and any of them means PEFT refuses the file."""
+    try:
+        settings.to_peft_config()
+    except Exception as error:  # whatever LoraConfig.__post_init__ raises is its refusal
+        fields = ", ".join(f"`{key}`" for key in sorted(settings.peft_extras))
+        return [f"PEFT's LoraConfig refuses {fields} ({type(error).__name__}: {short_repr(one_line(error), 120)})"]
+    return []
 
 
 def _regex_problems(settings: LoraSettings) -> list[str]:
@@ -346,14 +360,8 @@ def _compile_problem(what: str, pattern: str) -> list[str]:
         re.compile(pattern)
     except (re.error, RecursionError, OverflowError) as error:
         reason = getattr(error, "msg", None) or type(error).__name__
-        return [f"`{what}` {_short(pattern)} is not a valid regex ({reason}): fix or escape it"]
+        return [f"`{what}` {short_repr(pattern)} is not a valid regex ({reason}): fix or escape it"]
     return []
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """`repr(value)`, cut to `limit` characters so one huge value keeps the message to one line."""
-    text = repr(value).replace("\n", " ")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_int(value: Any) -> bool:

@@ -307,3 +307,13 @@ def test_to_dict_has_the_cli_keys() -> None:
     assert {"model", "trainable_params", "all_params", "base_params", "percent_trainable", "modules"} <= set(data)
     assert data["trainable_params"] == 589_824
     assert len(data["modules"]) == 24 and data["modules"][0]["params"] == 16 * (768 + 768)
+
+
+def test_matching_a_bad_regex_is_a_message_and_huge_targets_are_shortened() -> None:
+    from lora_core.counting import matched_module_names
+
+    with pytest.raises(LoraSettingsError, match="not a valid regex"):
+        matched_module_names("facebook/opt-125m", LoraSettings(target_modules="["))
+    with pytest.raises(LoraSettingsError) as error:
+        count_lora_params("facebook/opt-125m", LoraSettings(target_modules=("x" * 10_000,)))
+    assert len(str(error.value)) < 2_000 and "\n" not in str(error.value)

@@ -289,3 +289,17 @@ def test_a_killed_worker_fails_its_run_and_a_fresh_worker_takes_over(tiny_model,
     assert manager.wait_ready(120)
     after = manager.wait(manager.submit(tiny_config(tiny_model, steps=3), SETTINGS), 180)
     assert after["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("content", "name"),
+    [
+        (b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", "deep.jsonl"),
+        (b'text\n"' + b"x" * 200_000 + b'"\n', "wide.csv"),
+    ],
+)
+def test_uploads_that_break_the_parsers_are_one_line(content: bytes, name: str) -> None:
+    """A deeply nested JSON line (RecursionError) and a CSV field over csv's size limit (csv.Error)."""
+    with pytest.raises(DatasetError) as error:
+        parse_upload(content, name)
+    assert "\n" not in str(error.value)
