@@ -360,7 +360,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import threading
 
-    from lora_core.store import NullStore
+    from lora_core.store import CLI, NullStore
     from lora_core.training import TrainConfig, preflight, run_training
 
     settings = _lora_file_or_default(args)
@@ -379,7 +379,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     primary = int(os.environ.get("RANK", "0")) == 0
     store = _open_store(args.out) if primary else NullStore()
     label = args.name or f"cli r={settings.r}"
-    run_id = store.create_run(label, config.model, config.dataset, settings.to_peft_dict(), vars(config))
+    run_id = store.create_run(label, config.model, config.dataset, settings.to_peft_dict(), vars(config), owner=CLI)
     stop = threading.Event()
     progress = threading.Thread(target=_print_progress, args=(store, run_id, config.steps, stop), daemon=True)
     if not args.json and primary:

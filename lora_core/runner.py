@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 from lora_core.settings import LoraSettings
-from lora_core.store import Store
-from lora_core.training import TrainConfig
+from lora_core.store import WORKER, Store, process_alive, process_started
+from lora_core.training import TrainConfig, preflight
 
 
 class RunManager:
@@ -70,13 +70,13 @@ class RunManager:
         return False
 
     def submit(self, config: TrainConfig, settings: LoraSettings, name: str | None = None) -> int:
-        """Queue a run and return its id. Raises ValueError (fields named) for bad settings or config."""
-        problems = config.problems() + settings.problems()
-        if problems:
-            raise ValueError("; ".join(problems))
+        """Queue a run and return its id. Raises `InputError` (fields named) for anything `preflight`
+        finds: bad settings or config, a missing device, an unreadable dataset, a model that is not
+        a causal LM; nothing is queued then."""
+        preflight(config, settings)
         label = name or f"r={settings.r} a={settings.lora_alpha:g} {describe(settings)} on {config.dataset}"
         return self.store.create_run(
-            label, config.model, config.dataset, settings.to_peft_dict(), dataclasses.asdict(config)
+            label, config.model, config.dataset, settings.to_peft_dict(), dataclasses.asdict(config), owner=WORKER
         )
 
     def cancel(self, run_id: int) -> None:
@@ -151,22 +151,15 @@ def worker_main(data_dir: str, parent_pid: int, ready_file: str) -> None:
 
     store = Store.open(data_dir)
     Path(ready_file).write_text(str(os.getpid()))
-    while _alive(parent_pid):
-        run = store.claim_next()
+    parent_started = process_started(parent_pid)  # so that a new process given the pid is not taken for it
+    while process_alive(parent_pid, parent_started):
+        run = store.claim_next(watcher_pid=parent_pid)
         if run is None:
             time.sleep(0.2)
             continue
         config = TrainConfig(**run["config"])
         settings = LoraSettings.from_peft_dict(run["settings"])
         run_training(store, run["id"], config, settings, StoreCancel(store, run["id"]))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
 
 
 class StoreCancel:

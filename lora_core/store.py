@@ -2,21 +2,36 @@
 
 Each call opens its own short-lived connection, so the training thread, Streamlit's script
 threads and other processes can use one store at once. Metrics become visible as they are
-written; on open, a run left `running` or `queued` by a dead process is marked `interrupted`.
+written.
+
+An active run names the process responsible for it (`owner_pid`, with the process's start time so
+that a later process given the same pid cannot pass for it) and, when a server's worker trains it,
+the server watching that worker (`watcher_pid`). Readers check these about once a second, so a run
+whose processes are gone becomes `interrupted` within seconds, whoever started it and whoever polls.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import sqlite3
+import tempfile
+import threading
 import time
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
+
+try:
+    import fcntl
+except ImportError:  # Windows: opening falls back to retrying while SQLite says the file is locked
+    fcntl = None
 
 ACTIVE = ("queued", "running")
 FINISHED = ("completed", "failed", "cancelled", "interrupted")
@@ -45,7 +60,11 @@ CREATE TABLE IF NOT EXISTS runs (
     longest_seq INTEGER,
     adapter_dir TEXT,
     owner_pid INTEGER,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    owner_started INTEGER,
+    watcher_pid INTEGER,
+    watcher_started INTEGER
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -61,7 +80,30 @@ CREATE TABLE IF NOT EXISTS metrics (
 );
 """
 
-_ADDED_COLUMNS = {"memory_estimate_mb": "REAL", "longest_seq": "INTEGER"}
+_ADDED_COLUMNS = {
+    "memory_estimate_mb": "REAL",
+    "longest_seq": "INTEGER",
+    "owner": "TEXT",
+    "owner_started": "INTEGER",
+    "watcher_pid": "INTEGER",
+    "watcher_started": "INTEGER",
+}
+
+# Who trains a run: a server's background worker, which claims queued runs, or the process that
+# created the run (the CLI), which no worker may claim.
+WORKER, CLI = "worker", "cli"
+OWNERS = (WORKER, CLI)
+
+# Readers check the owners of active runs at most this often per store and process: the Fine-tune
+# page polls every second, and a check costs a query plus a /proc read per active run.
+OWNER_CHECK_EVERY = 1.0
+_last_owner_check: dict[Path, float] = {}
+_last_owner_check_lock = threading.Lock()
+
+_OWNER_COLUMNS = "id, status, owner, owner_pid, owner_started, watcher_pid, watcher_started"
+_SCRATCH_NAME = re.compile(r"run-(\d+)-(\d+)")
+_HAVE_PROC = Path("/proc/self/stat").exists()
+_T = TypeVar("_T")
 
 
 def default_data_dir() -> Path:
@@ -81,22 +123,29 @@ class Store:
 
     @classmethod
     def open(cls, data_dir: str | Path | None = None) -> Store:
-        """Open (and create) the store; runs left active by a process that is gone become `interrupted`."""
+        """Open (and create) the store; runs whose processes are gone become `interrupted`, and
+        scratch folders of dead processes are removed."""
         store = cls(Path(data_dir) if data_dir else default_data_dir())
         store.data_dir.mkdir(parents=True, exist_ok=True)
-        with closing(store._connect()) as db, db:
-            db.execute("PRAGMA journal_mode=WAL")
+        with _exclusive(store.data_dir / "runs.sqlite.lock"):
+            _retry_while_locked(store._set_up)
+        store.mark_orphans_interrupted()
+        store.clean_scratch()
+        return store
+
+    def _set_up(self) -> None:
+        """WAL mode, the tables, and the columns added since older stores were written."""
+        with closing(self._connect()) as db, db:
+            db.execute("PRAGMA journal_mode=WAL")  # persistent: once set, later opens write nothing here
             db.executescript(_SCHEMA)
             have = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
-            for column, kind in _ADDED_COLUMNS.items():  # stores written before these columns existed
+            for column, kind in _ADDED_COLUMNS.items():
                 if column not in have:
                     try:
                         db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
-                    except sqlite3.OperationalError as error:  # another process added it first
+                    except sqlite3.OperationalError as error:  # without fcntl, another process may add it first
                         if "duplicate column" not in str(error):
                             raise
-        store.mark_orphans_interrupted()
-        return store
 
     @property
     def path(self) -> Path:
@@ -104,6 +153,28 @@ class Store:
 
     def adapter_dir(self, run_id: int) -> Path:
         return self.data_dir / "adapters" / f"run-{run_id}"
+
+    def scratch_dir(self, run_id: int) -> Path:
+        """A folder for one run's temporary files, created. It is named by run and process, so that
+        `clean_scratch` can remove it once that process is gone, however it ended: a SIGKILL skips
+        every cleanup of its own."""
+        path = self.data_dir / "scratch" / f"run-{run_id}-{os.getpid()}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def clean_scratch(self) -> int:
+        """Remove the scratch folders of processes that are gone; returns how many."""
+        try:
+            entries = list((self.data_dir / "scratch").iterdir())
+        except FileNotFoundError:
+            return 0
+        removed = 0
+        for entry in entries:
+            match = _SCRATCH_NAME.fullmatch(entry.name)
+            if match and entry.is_dir() and not process_alive(int(match[2])):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        return removed
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30)
@@ -115,17 +186,39 @@ class Store:
         with closing(self._connect()) as db, db:
             return db.execute(sql, params).lastrowid
 
-    def create_run(self, name: str, model: str, dataset: str, settings: dict, config: dict) -> int:
-        """A new `queued` run; returns its id."""
+    def create_run(self, name: str, model: str, dataset: str, settings: dict, config: dict, owner: str = WORKER) -> int:
+        """A new `queued` run owned, until someone claims it, by this process; returns its id.
+        `owner` says who trains it: "worker" (a server's background worker claims it) or "cli"
+        (this process trains it itself, so no worker may claim it)."""
+        if owner not in OWNERS:
+            raise ValueError(f"owner must be one of {', '.join(OWNERS)}, not {owner!r}")
+        me = os.getpid()
         return self._write(
-            "INSERT INTO runs (name, status, model, dataset, settings, config, created, owner_pid) VALUES (?,?,?,?,?,?,?,?)",
-            (name, "queued", model, dataset, json.dumps(settings), json.dumps(config), time.time(), os.getpid()),
+            "INSERT INTO runs (name, status, model, dataset, settings, config, created, owner, owner_pid, owner_started)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                name,
+                "queued",
+                model,
+                dataset,
+                json.dumps(settings),
+                json.dumps(config),
+                time.time(),
+                owner,
+                me,
+                process_started(me),
+            ),
         )
 
     def update_run(self, run_id: int, **fields: Any) -> None:
-        """Set columns of one run (`status`, `error`, `final_eval_loss`, ...)."""
+        """Set columns of one run (`status`, `error`, `final_eval_loss`, ...). Setting `owner_pid` or
+        `watcher_pid` also records that process's start time unless given, so that whoever sets the
+        pid (training.run_training sets `owner_pid`) gets protection against pid reuse for free."""
         if not fields:
             return
+        for role in ("owner", "watcher"):
+            if f"{role}_pid" in fields and f"{role}_started" not in fields:
+                fields[f"{role}_started"] = process_started(fields[f"{role}_pid"])
         columns = ", ".join(f"{name} = ?" for name in fields)
         self._write(f"UPDATE runs SET {columns} WHERE id = ?", (*fields.values(), run_id))
 
@@ -140,12 +233,14 @@ class Store:
 
     def run(self, run_id: int) -> dict | None:
         """One run as a dict (settings and config decoded), or None."""
+        self._check_owners_if_due()
         with closing(self._connect()) as db:
             row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         return _decode(row) if row else None
 
     def runs(self) -> pd.DataFrame:
         """Every run, newest first."""
+        self._check_owners_if_due()
         with closing(self._connect()) as db:
             frame = pd.read_sql_query("SELECT * FROM runs ORDER BY id DESC", db)
         return frame
@@ -176,25 +271,38 @@ class Store:
             db.execute("DELETE FROM metrics WHERE run_id = ?", (run_id,))
             db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
         if run.get("adapter_dir"):
-            import shutil
-
             shutil.rmtree(run["adapter_dir"], ignore_errors=True)
 
-    def claim_next(self) -> dict | None:
-        """Atomically take the oldest queued run for this process (status -> running); None if none."""
+    def claim_next(self, watcher_pid: int | None = None) -> dict | None:
+        """Atomically take the oldest queued worker run for this process (status -> running); None
+        if none. `watcher_pid` is the server that started this worker: while it lives, readers leave
+        a run whose worker died for that server to report (it knows the exit code)."""
+        me = os.getpid()
         with closing(self._connect()) as db, db:
             db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT id FROM runs WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
+            row = db.execute(
+                "SELECT id FROM runs WHERE status = 'queued' AND COALESCE(owner, ?) = ? ORDER BY id LIMIT 1",
+                (WORKER, WORKER),
+            ).fetchone()
             if row is None:
                 return None
             db.execute(
-                "UPDATE runs SET status = 'running', started = ?, owner_pid = ? WHERE id = ?",
-                (time.time(), os.getpid(), row[0]),
+                "UPDATE runs SET status = 'running', started = ?, owner_pid = ?, owner_started = ?,"
+                " watcher_pid = ?, watcher_started = ? WHERE id = ?",
+                (
+                    time.time(),
+                    me,
+                    process_started(me),
+                    watcher_pid,
+                    process_started(watcher_pid) if watcher_pid else None,
+                    row[0],
+                ),
             )
         return self.run(row[0])
 
     def request_cancel(self, run_id: int) -> None:
-        """Ask the worker to stop `run_id` after its current step; a queued run is cancelled at once."""
+        """Ask the owner to stop `run_id` after its current step; a queued run is cancelled at once,
+        and a run whose processes are gone (nobody is left to read the flag) is interrupted at once."""
         with closing(self._connect()) as db, db:
             db.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?", (run_id,))
             db.execute(
@@ -202,6 +310,9 @@ class Store:
                 "WHERE id = ? AND status = 'queued'",
                 (time.time(), run_id),
             )
+            row = db.execute(f"SELECT {_OWNER_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is not None and row["status"] in ACTIVE:
+            self._interrupt_if_stranded(row)
 
     def cancel_requested(self, run_id: int) -> bool:
         with closing(self._connect()) as db:
@@ -209,31 +320,134 @@ class Store:
         return bool(row and row[0])
 
     def active_run_ids(self) -> list[int]:
+        self._check_owners_if_due()
         with closing(self._connect()) as db:
             return [r[0] for r in db.execute("SELECT id FROM runs WHERE status IN ('queued', 'running') ORDER BY id")]
 
     def mark_orphans_interrupted(self) -> int:
-        """Active runs whose owning process is gone become `interrupted`; returns how many."""
+        """Active runs that nobody can finish any more become `interrupted`, with what happened;
+        returns how many. Their processes' scratch folders go too."""
         with closing(self._connect()) as db:
-            rows = db.execute("SELECT id, owner_pid FROM runs WHERE status IN ('queued', 'running')").fetchall()
-        orphans = [row["id"] for row in rows if not _alive(row["owner_pid"])]
-        for run_id in orphans:
-            self.update_run(
-                run_id, status="interrupted", finished=time.time(), error="the server stopped during the run"
-            )
-        return len(orphans)
+            rows = db.execute(f"SELECT {_OWNER_COLUMNS} FROM runs WHERE status IN ('queued', 'running')").fetchall()
+        marked = sum(self._interrupt_if_stranded(row) for row in rows)
+        if marked:
+            self.clean_scratch()
+        return marked
+
+    def _check_owners_if_due(self) -> None:
+        """What readers call, so that a stranded run is marked within about a second of the next
+        poll, without a check on every read of a page that polls several times a second."""
+        now = time.monotonic()
+        with _last_owner_check_lock:
+            if now - _last_owner_check.get(self.data_dir, float("-inf")) < OWNER_CHECK_EVERY:
+                return
+            _last_owner_check[self.data_dir] = now
+        self.mark_orphans_interrupted()
+
+    def _interrupt_if_stranded(self, row: sqlite3.Row) -> bool:
+        """Mark one active run `interrupted` if nobody can finish it; True if this call did. The
+        update only applies to the row as read, so a run claimed or finished meanwhile is kept."""
+        reason = _stranded_reason(row)
+        if reason is None:
+            return False
+        with closing(self._connect()) as db, db:
+            changed = db.execute(
+                "UPDATE runs SET status = 'interrupted', finished = ?, error = ? "
+                "WHERE id = ? AND status = ? AND owner_pid IS ?",
+                (time.time(), reason, row["id"], row["status"], row["owner_pid"]),
+            ).rowcount
+        return changed > 0
 
 
-def _alive(pid: int | None) -> bool:
+def _stranded_reason(row: sqlite3.Row) -> str | None:
+    """Why an active run can no longer finish, or None while a process lives that can finish it or
+    report why not. A queued run's owner is the process that queued it: a server's worker stops
+    claiming when its server is gone, and a CLI run is only ever trained by its own process."""
+    if process_alive(row["owner_pid"], row["owner_started"]):
+        return None
+    if process_alive(row["watcher_pid"], row["watcher_started"]):
+        return None  # the server of the dead worker records the cause itself (RunManager._watch)
+    pid, by_cli = row["owner_pid"], row["owner"] == CLI
+    if row["status"] == "queued":
+        if by_cli:
+            return f"the process that queued it (pid {pid}) ended before the run started"
+        return "the server stopped before the run started"
+    if by_cli:
+        return f"the training process (pid {pid}) ended without finishing the run (killed or crashed)"
+    return "the server stopped during the run"
+
+
+def process_started(pid: int | None) -> int | None:
+    """When `pid` started, in clock ticks after boot (field 22 of /proc/PID/stat), or None where
+    /proc does not say (another platform, or the process is gone)."""
+    stat = _proc_stat(pid) if pid else None
+    return stat[1] if stat else None
+
+
+def process_alive(pid: int | None, started: int | None = None) -> bool:
+    """Whether `pid` is still the process recorded with start time `started`. A zombie (killed but
+    not yet reaped) is not, nor is a newer process given the same pid. Without /proc only the pid
+    is checked, so there a reused pid keeps a dead owner alive."""
     if not pid:
         return False
-    if pid == os.getpid():
-        return True
+    if _HAVE_PROC:
+        stat = _proc_stat(pid)
+        if stat is None:
+            return False
+        state, start = stat
+        return state not in ("Z", "X", "x") and (started is None or start == started)
+    if os.name == "nt":
+        return True  # os.kill would terminate the process there: with no safe probe, never call it dead
     try:
         os.kill(pid, 0)
+    except PermissionError:  # it exists, under another user
+        return True
     except OSError:
         return False
     return True
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time) of `pid` from /proc, or None if it cannot be read."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    # Field 2, the command name, is in parentheses and may itself hold spaces or ')'; so fields are
+    # counted from the last ')': field 3 (state) comes first and field 22 (start time) 19 later.
+    fields = text[text.rindex(")") + 2 :].split()
+    return fields[0], int(fields[19])
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (where fcntl exists). Setting up a store must not
+    overlap another process's set-up: switching a new database to WAL upgrades a read lock to a
+    write lock, which SQLite refuses at once, without its busy timeout, while another connection
+    writes, so two processes opening a new store together failed with "database is locked"."""
+    if fcntl is None:
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _retry_while_locked(action: Callable[[], _T], patience: float = 30.0) -> _T:
+    """Run `action`, retrying with backoff while SQLite answers "locked" at once: the guard where
+    no file lock serialises set-up (no fcntl), or a connection that does not take it holds the file."""
+    delay, deadline = 0.01, time.monotonic() + patience
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(2 * delay, 0.5)
 
 
 def _decode(row: sqlite3.Row) -> dict:
@@ -243,20 +457,74 @@ def _decode(row: sqlite3.Row) -> dict:
     return data
 
 
+def _empty_frame(table: str) -> pd.DataFrame:
+    """`table` with no rows, with the columns a real store's read returns."""
+    with closing(sqlite3.connect(":memory:")) as db:
+        db.executescript(_SCHEMA)
+        return pd.read_sql_query(f"SELECT * FROM {table}", db)
+
+
 class NullStore:
-    """A store that records nothing: what non-zero ranks of a multi-GPU `accelerate launch` get,
-    so only rank 0 writes the run."""
+    """A store that records nothing: what non-zero ranks of a multi-GPU `accelerate launch` get, so
+    only rank 0 writes the run. Every public method of Store is here and answers as an empty store
+    would, so code written against Store runs unchanged (the CLI's progress bar reads
+    `metrics()["kind"]`); a method Store gains must be added here too (tests/test_store.py checks)."""
 
     data_dir = Path("/nonexistent")
 
-    def __getattr__(self, name: str):
-        def ignore(*args, **kwargs):
-            return None
+    @classmethod
+    def open(cls, data_dir: str | Path | None = None) -> NullStore:
+        return cls()
 
-        return ignore
+    @property
+    def path(self) -> Path:
+        return self.data_dir / "runs.sqlite"
+
+    def adapter_dir(self, run_id: int) -> Path:
+        return self.data_dir / "adapters" / f"run-{run_id}"
+
+    def scratch_dir(self, run_id: int) -> Path:
+        """A real, new folder in the system temp dir: training on this rank still writes scratch files."""
+        return Path(tempfile.mkdtemp(prefix=f"lora-explorer-run-{run_id}-{os.getpid()}-"))
+
+    def clean_scratch(self) -> int:
+        return 0
+
+    def create_run(self, name: str, model: str, dataset: str, settings: dict, config: dict, owner: str = WORKER) -> int:
+        return 0
+
+    def update_run(self, run_id: int, **fields: Any) -> None:
+        return None
+
+    def add_metric(self, run_id: int, kind: str, step: int, **values: float | int | None) -> None:
+        return None
+
+    def run(self, run_id: int) -> dict | None:
+        return None
+
+    def runs(self) -> pd.DataFrame:
+        return _empty_frame("runs")
+
+    def metrics(self, run_ids: list[int] | None = None) -> pd.DataFrame:
+        return _empty_frame("metrics")
+
+    def rename(self, run_id: int, name: str) -> None:
+        return None
+
+    def delete(self, run_id: int) -> None:
+        return None
+
+    def claim_next(self, watcher_pid: int | None = None) -> dict | None:
+        return None
+
+    def request_cancel(self, run_id: int) -> None:
+        return None
 
     def cancel_requested(self, run_id: int) -> bool:
         return False
 
-    def adapter_dir(self, run_id: int) -> Path:
-        return self.data_dir
+    def active_run_ids(self) -> list[int]:
+        return []
+
+    def mark_orphans_interrupted(self) -> int:
+        return 0

@@ -10,6 +10,8 @@ import contextlib
 import copy
 import math
 import os
+import re
+import shutil
 import sys
 import threading
 import time
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_core.devices import check_device_name, pick_device
-from lora_core.errors import InputError, one_line
+from lora_core.errors import InputError, one_line, short_repr
 from lora_core.settings import LoraSettings
 from lora_core.store import Store
 
@@ -130,7 +132,7 @@ def preflight(config: TrainConfig, settings: LoraSettings) -> str:
     if problems:
         raise TrainSetupError("; ".join(problems))
     device = pick_device(config.device)
-    load_dataset(config.dataset, config.seed)
+    check_dataset(config.dataset, config.seed)
     if config.model == EMBEDDED:  # a causal LM by construction; only its package must be there
         from lora_core.embedded import EmbeddedModelError, gguf_path
 
@@ -149,6 +151,23 @@ def _dtype(device: str):
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def check_dataset(spec: str, seed: int = 0) -> None:
+    """Raise `DatasetError` unless `spec` can be trained on: a built-in task or an upload is read
+    and parsed; a Hub dataset is only checked for its id's form and the Hub's reach (downloading
+    it is the run's work, not the form's)."""
+    from lora_core.datasets import DatasetError
+    from lora_core.models import hub_reachable
+
+    if isinstance(spec, str) and spec.startswith("hub:"):
+        repo = spec.removeprefix("hub:").strip()
+        if not re.fullmatch(r"[\w.-]{1,96}(/[\w.-]{1,96})?", repo) or ".." in repo:
+            raise DatasetError(f"{short_repr(repo)} is not a Hub dataset id: use owner/name")
+        if not hub_reachable():
+            raise DatasetError(f"{repo!r}: the Hub is unreachable; use a built-in task or upload a JSONL/CSV file")
+        return
+    load_dataset(spec, seed)
 
 
 def load_dataset(spec: str, seed: int = 0):
@@ -346,9 +365,10 @@ def _train(
         run_id, trainable_params=trainable, all_params=total, memory_estimate_mb=estimate_mb, longest_seq=longest
     )
     callback = _callback_class()(store, run_id, cancel)
-    with _scratch_dir() as scratch:
+    scratch = store.scratch_dir(run_id)  # under the data dir: a killed run's is removed by the next Store.open
+    try:
         args = TrainingArguments(
-            output_dir=scratch,
+            output_dir=str(scratch),
             max_steps=config.steps,
             per_device_train_batch_size=config.batch_size,
             per_device_eval_batch_size=eval_batch_size(config),
@@ -395,6 +415,8 @@ def _train(
         ):
             final_eval = trainer.evaluate()["eval_loss"]
             callback.record_eval(trainer.state.global_step, float(final_eval), time.perf_counter() - callback.start)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return _finish(store, run_id, peft_model, callback, cancel, trainable, device)
 
 
@@ -496,16 +518,3 @@ def _peak_memory_mb(device: str) -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
-class _scratch_dir:
-    def __enter__(self) -> str:
-        import tempfile
-
-        self.path = tempfile.mkdtemp(prefix="lora-explorer-")
-        return self.path
-
-    def __exit__(self, *exc) -> None:
-        import shutil
-
-        shutil.rmtree(self.path, ignore_errors=True)

@@ -189,10 +189,10 @@ if submitted:
             raise InputError("; ".join(problems))
         if checked is not None:
             config = dataclasses.replace(config, dataset=f"upload:{store_upload(checked, store.data_dir)}")
+        run_id = manager.submit(config, settings, name)  # its preflight: device, dataset, model
     except InputError as error:
         st.error(f"Not started: {error}")
     else:
-        run_id = manager.submit(config, settings, name)
         st.session_state.setdefault("lx_overlay", [])
         st.session_state["lx_overlay"] = [*st.session_state["lx_overlay"], run_id]
         details = "; ".join(part for part in (f"dataset {checked.name}" if checked else "", note) if part)

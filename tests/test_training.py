@@ -15,6 +15,7 @@ from tiny_model import build_tiny_causal_lm
 from lora_core import LoraSettings, count_lora_params
 from lora_core.adapters import adapter_zip, effective_ranks
 from lora_core.datasets import DatasetError, builtin_dataset, parse_upload, tokenize_examples
+from lora_core.errors import InputError
 from lora_core.models import spec_from_text
 from lora_core.runner import RunManager
 from lora_core.store import Store
@@ -115,11 +116,15 @@ def test_nan_loss_fails_the_run_and_the_worker_keeps_serving(tiny_model, manager
     [
         ("TINY", "upload:/no/such/file.jsonl", "does not exist"),
         ("TINY", "no_such_task", "unknown dataset"),
+        ("TINY", "hub:../../etc", "not a Hub dataset id"),
         ("BERT", "reverse_list", "not a causal language model"),
-        ("/no/such/model/folder", "reverse_list", "could not be loaded"),
+        ("/no/such/model/folder", "reverse_list", "give a model folder"),
     ],
 )
-def test_unusable_inputs_fail_the_run_with_a_reason(tiny_model, manager, tmp_path, model, dataset, message) -> None:
+def test_unusable_inputs_are_refused_before_a_run_exists(
+    tiny_model, manager, tmp_path, model, dataset, message
+) -> None:
+    """Before, each of these queued a run that then failed: a failed run stored per typo."""
     if model == "BERT":
         from transformers import BertConfig
 
@@ -129,14 +134,27 @@ def test_unusable_inputs_fail_the_run_with_a_reason(tiny_model, manager, tmp_pat
         config.architectures = ["BertForMaskedLM"]
         config.save_pretrained(model)
     model = tiny_model if model == "TINY" else model
-    run = manager.wait(manager.submit(tiny_config(model, dataset=dataset, steps=2), SETTINGS), 120)
-    assert run["status"] == "failed"
-    assert message in run["error"]
+    before = len(manager.store.runs())
+    with pytest.raises(InputError, match=message):
+        manager.submit(tiny_config(model, dataset=dataset, steps=2), SETTINGS)
+    assert len(manager.store.runs()) == before
+
+
+def test_a_dataset_gone_after_queueing_fails_the_run_with_a_reason(tiny_model, tmp_path) -> None:
+    """What the worker does when an input checked at submit is gone by the time it runs."""
+    from lora_core.training import run_training
+
+    store = Store.open(tmp_path / "store")
+    config = tiny_config(tiny_model, dataset=f"upload:{tmp_path / 'gone.jsonl'}", steps=2)
+    run_id = store.create_run("gone", config.model, config.dataset, SETTINGS.to_peft_dict(), {})
+    result = run_training(store, run_id, config, SETTINGS)
+    assert result.status == "failed" and "does not exist" in result.error
+    assert store.run(run_id)["status"] == "failed" and not list((tmp_path / "store" / "scratch").glob("*"))
 
 
 def test_bad_config_is_refused_before_queueing(tiny_model, manager) -> None:
     before = len(manager.store.runs())
-    with pytest.raises(ValueError, match="`steps`") as error:
+    with pytest.raises(InputError, match="`steps`") as error:
         manager.submit(tiny_config(tiny_model, steps=0, learning_rate=2.0), SETTINGS.replace(r=0))
     assert "`learning_rate`" in str(error.value) and "`r`" in str(error.value)
     assert len(manager.store.runs()) == before
