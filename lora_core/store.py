@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 
 import pandas as pd
 
+from lora_core.errors import InputError
+
 try:
     import fcntl
 except ImportError:  # Windows: opening falls back to retrying while SQLite says the file is locked
@@ -257,7 +259,7 @@ class Store:
     def rename(self, run_id: int, name: str) -> None:
         name = name.strip()
         if not name:
-            raise ValueError("a run name cannot be empty")
+            raise InputError("a run name cannot be empty")
         self.update_run(run_id, name=name)
 
     def delete(self, run_id: int) -> None:
@@ -266,7 +268,7 @@ class Store:
         if run is None:
             return
         if run["status"] in ACTIVE:
-            raise ValueError(f"run {run_id} is {run['status']}: cancel it before deleting")
+            raise InputError(f"run {run_id} is {run['status']}: cancel it before deleting")
         with closing(self._connect()) as db, db:
             db.execute("DELETE FROM metrics WHERE run_id = ?", (run_id,))
             db.execute("DELETE FROM runs WHERE id = ?", (run_id,))

@@ -239,7 +239,7 @@ def compare_strategies(
         try:
             targets = resolve_strategy(inv, strategy)
             result = count_lora_params(inv, targets.apply(base))
-        except ValueError as error:
+        except InputError as error:  # a strategy this model cannot take: its row says why
             rows.append({**row, "error": str(error)})
             continue
         by_role = result.modules.groupby("role")["params"].sum()
