@@ -283,14 +283,20 @@ def test_embedded_smollm2_cpu_runs_peak_rss(batch, tmp_path) -> None:
     """SmolLM2-135M-Instruct (the embedded model) on the CPU, float32, LoRA r=8 on q_proj,v_proj,
     the built-in json_extraction task (its longest example: the run records it), 4 steps with an
     evaluation pass at batch 8 every 2 steps. The run stores its peak resident set (VmHWM, reset at
-    the run's start) and the estimate for its own batch, sequence length and evaluation batch."""
+    the run's start) and the estimate for its own batch, sequence length and evaluation batch.
+
+    The bound comes from the measured spread: 11 runs of this test (batch 2 and 8, the first on an
+    empty cache, on a loaded 2-core VM) gave -6.6% to +10.4%, mean -0.2%, SD 5.4%: glibc's heap
+    slack differs from run to run. 17% is three SDs. The one-off GGUF conversion that once pushed
+    a fresh machine's first run to -17.3% now runs in a child process (tests/test_embedded.py
+    pins that the caller keeps none of its heap)."""
     result = cli_train(batch, tmp_path)
     measured, estimated = result["peak_memory_mb"], result["memory_estimate_mb"]
     error = estimated / measured - 1
     print(
         f"CPU SmolLM2 batch {batch} x {result['longest_seq']}: peak RSS {measured:.0f} MiB, estimate {estimated:.0f} MiB ({error:+.1%})"
     )
-    assert abs(error) < 0.15
+    assert abs(error) < 0.17
 
 
 @pytest.mark.slow
