@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -233,17 +232,19 @@ def _lora_file_or_default(args: argparse.Namespace):
 def _load_lora_file(path: str):
     from lora_core.settings import LoraSettings, LoraSettingsError, parse_json, unknown_keys
 
-    file = Path(path)
-    if file.is_dir():
-        file = file / "adapter_config.json"
-    if not file.is_file():
-        raise _BadInput(f"--lora {path}: no such file")
-    if file.stat().st_size > _MAX_LORA_FILE_BYTES:
-        raise _BadInput(f"--lora {path}: over {_MAX_LORA_FILE_BYTES:,} bytes; an adapter_config.json is far smaller")
     try:
+        file = Path(path).expanduser()
+        if file.is_dir():
+            file = file / "adapter_config.json"
+        if not file.is_file():
+            raise _BadInput(f"--lora {path}: no such file")
+        if file.stat().st_size > _MAX_LORA_FILE_BYTES:
+            raise _BadInput(
+                f"--lora {path}: over {_MAX_LORA_FILE_BYTES:,} bytes; an adapter_config.json is far smaller"
+            )
         data = parse_json(file.read_bytes())
         settings = LoraSettings.from_peft_dict(data)
-    except (LoraSettingsError, OSError) as error:
+    except (LoraSettingsError, OSError, RuntimeError) as error:  # unreadable, a name too long, ~nosuchuser
         raise _BadInput(f"--lora {path}: {one_line(error)}") from None
     ignored = unknown_keys(data)
     if ignored:
@@ -361,7 +362,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import threading
 
     from lora_core.store import CLI, NullStore
-    from lora_core.training import TrainConfig, preflight, run_training
+    from lora_core.training import TrainConfig, preflight, process_rank, run_training
 
     settings = _lora_file_or_default(args)
     config = TrainConfig(
@@ -376,7 +377,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     preflight(config, settings)  # bad input exits 2 here, before a run exists
     # Under `accelerate launch` on several GPUs every rank trains; only rank 0 writes the run.
-    primary = int(os.environ.get("RANK", "0")) == 0
+    primary = process_rank() == 0
     store = _open_store(args.out) if primary else NullStore()
     label = args.name or f"cli r={settings.r}"
     run_id = store.create_run(label, config.model, config.dataset, settings.to_peft_dict(), vars(config), owner=CLI)

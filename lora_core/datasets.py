@@ -151,11 +151,11 @@ def rows_to_examples(rows: list[dict], source: str) -> list[Example]:
         raise DatasetError(f"{source} has no rows")
     columns = set(rows[0])
     if {"prompt", "completion"} <= columns:
-        pick = lambda row: (row["prompt"], row["completion"])  # noqa: E731
+        pick = lambda row: (row.get("prompt"), row.get("completion"))  # noqa: E731
     elif {"instruction", "output"} <= columns:
-        pick = lambda row: (_instruction(row), row["output"])  # noqa: E731
+        pick = lambda row: (_instruction(row), row.get("output"))  # noqa: E731
     elif "text" in columns:
-        pick = lambda row: ("", row["text"])  # noqa: E731
+        pick = lambda row: ("", row.get("text"))  # noqa: E731
     else:
         raise DatasetError(
             f"{source}: columns {sorted(columns)} do not fit; use `text`, or `prompt` and `completion`, "
@@ -165,7 +165,9 @@ def rows_to_examples(rows: list[dict], source: str) -> list[Example]:
     for number, row in enumerate(rows, 1):
         prompt, completion = pick(row)
         if not isinstance(completion, str) or not completion.strip() or not isinstance(prompt, str):
-            raise DatasetError(f"{source} row {number}: empty or non-text value; every row needs text in each column")
+            raise DatasetError(
+                f"{source} row {number}: empty, missing or non-text value; every row needs text in each column"
+            )
         examples.append(Example(prompt, completion))
     if len(examples) < MIN_EXAMPLES:
         raise DatasetError(f"{source} has {len(examples)} rows; at least {MIN_EXAMPLES} are needed for train and eval")
@@ -173,8 +175,10 @@ def rows_to_examples(rows: list[dict], source: str) -> list[Example]:
 
 
 def _instruction(row: dict) -> str:
-    extra = row.get("input")
-    return f"{row['instruction']}\n\n{extra}" if isinstance(extra, str) and extra.strip() else row["instruction"]
+    instruction, extra = row.get("instruction"), row.get("input")
+    if not isinstance(instruction, str):
+        return instruction  # refused as non-text by the caller
+    return f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
 
 
 def split_examples(name: str, examples: list[Example], eval_fraction: float = 0.1, seed: int = 0) -> Dataset:

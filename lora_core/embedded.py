@@ -17,6 +17,8 @@ import sys
 import threading
 from pathlib import Path
 
+from lora_core.errors import one_line
+
 EMBEDDED_ID = "SmolLM2-135M-Instruct (embedded)"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LOCK = threading.Lock()
@@ -69,19 +71,32 @@ def ensure_embedded() -> Path:
     target = embedded_dir()
     if _complete(target):
         return target
-    with _LOCK, _file_lock(target.with_name(target.name + ".lock")):
-        if _complete(target):
-            return target
-        gguf_path()  # the package's own message when it is missing
-        command = [sys.executable, "-m", "lora_core.embedded", str(target)]
-        root = str(Path(__file__).resolve().parents[1])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-        if done.returncode != 0 or not _complete(target):
-            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-            reason = lines[-1] if lines else f"exit code {done.returncode}"
-            raise EmbeddedModelError(f"converting the embedded model failed ({reason}); run `make run` once to retry")
+    try:
+        with _LOCK, _file_lock(target.with_name(target.name + ".lock")):
+            if not _complete(target):
+                _convert_in_child(target)
+    except OSError as error:  # a cache folder this user cannot write
+        raise EmbeddedModelError(
+            f"cannot write the model cache {target.parent} ({one_line(error)}): set LORA_EXPLORER_CACHE to a writable folder"
+        ) from None
     return target
+
+
+def _convert_in_child(target: Path) -> None:
+    gguf_path()  # the package's own message when it is missing
+    # Run from the folder that holds this package, so the child imports this very lora_core.
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "lora_core.embedded", str(target)]
+    try:
+        done = subprocess.run(command, cwd=root, capture_output=True, text=True, check=False, timeout=1800)
+    except subprocess.TimeoutExpired:
+        raise EmbeddedModelError(
+            "converting the embedded model took over 30 minutes: run `make run` to retry"
+        ) from None
+    if done.returncode != 0 or not _complete(target):
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit code {done.returncode}"
+        raise EmbeddedModelError(f"converting the embedded model failed ({reason}); run `make run` once to retry")
 
 
 def _complete(target: Path) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lora_core.errors import InputError, one_line
+from lora_core.errors import InputError, one_line, short_repr
 from lora_core.roles import classify_role
 
 CATALOGUE_DIR = Path(__file__).parent / "catalogue"
@@ -150,15 +150,28 @@ def resolve_model(
         raise ModelResolutionError(
             "a model name is a catalogue id, a Hub id or a path: this one has invalid characters"
         )
+    try:
+        local = _resolve_local(name, trust_remote_code, local_roots)
+    except (OSError, RuntimeError, ValueError) as error:  # a name too long for a path, ~nosuchuser/...
+        if isinstance(error, ModelResolutionError):
+            raise
+        if local_roots is not None:  # the same answer as any other path outside the roots
+            raise ModelResolutionError(_outside_message(short_repr(name), local_roots)) from None
+        raise ModelResolutionError(f"{short_repr(name)}: not a usable path ({one_line(error)})") from None
+    if local is not None:
+        return local
+    return _resolve_hub(name, trust_remote_code)
+
+
+def _resolve_local(name: str, trust_remote_code: bool, local_roots: tuple[Path, ...] | None) -> ModelSpec | None:
+    """The spec of a catalogue id or a local path; None for a name to look up on the Hub."""
     if catalogue_path(name).is_file():
         return spec_from_text(catalogue_path(name).read_text(), name, "catalogue")
-    looks_local = name.startswith((".", "/", "~")) or name.endswith(".json") or name.count("/") != 1
+    looks_local = name.startswith((".", "/", "~")) or name.endswith(".json") or name.count("/") > 1
     path = Path(name).expanduser()
-    if local_roots is not None:
-        if not looks_local and not _inside(path, local_roots):
-            return _resolve_hub(name, trust_remote_code)  # an org/name id: never look at the disk for it
-        if not _inside(path, local_roots):
-            raise ModelResolutionError(_outside_message(name, local_roots))
+    # Outside the roots a path is refused unread; an org/name that is not on the disk goes to the Hub.
+    if local_roots is not None and (looks_local or path.exists()) and not _inside(path, local_roots):
+        raise ModelResolutionError(_outside_message(name, local_roots))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelResolutionError(
@@ -167,9 +180,9 @@ def resolve_model(
         return spec_from_text(_read_config(path / "config.json", name), name, "local", trust_remote_code)
     if path.is_file():
         return spec_from_text(_read_config(path, name), name, "local", trust_remote_code)
-    if looks_local or path.suffix == ".json":
+    if looks_local:
         raise ModelResolutionError(f"no such file or folder: {name}")
-    return _resolve_hub(name, trust_remote_code)
+    return None
 
 
 def _inside(path: Path, roots: tuple[Path, ...]) -> bool:

@@ -22,6 +22,8 @@ ALL_LINEAR = "all-linear"
 MAX_RANK = 1 << 16
 # Layer indices stop here (models.SIZE_LIMITS allows at most 1024 layers).
 MAX_LAYER = 1024
+# A regex over module names; anything longer is a paste accident or an attack.
+MAX_REGEX_CHARS = 1000
 Bias = Literal["none", "all", "lora_only"]
 TargetSpec = tuple[str, ...] | str | None
 
@@ -151,8 +153,6 @@ class LoraSettings:
             if not _is_number(value) or value <= 0:
                 found.append(f"`alpha_pattern` value for {key!r} must be > 0, got {value!r}")
         found += _regex_problems(self)
-        if self.peft_extras and not found:
-            found += _extras_problems(self)
         if isinstance(self.target_modules, tuple) and not self.target_modules and not self.target_parameters:
             found.append("`target_modules` is empty: name at least one module, a regex or 'all-linear'")
         if self.layers_to_transform is not None:
@@ -177,6 +177,8 @@ class LoraSettings:
             ):
                 if value:
                     found.append(f"`{name}` is not supported with `target_parameters` (PEFT ParamWrapper refuses it)")
+        if not found:  # the rest is PEFT's own word, asked only of settings that pass every check above
+            found += _peft_problems(self)
         return found
 
     def to_peft_dict(self) -> dict[str, Any]:
@@ -325,15 +327,21 @@ def _type_problems(kwargs: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def _extras_problems(settings: LoraSettings) -> list[str]:
-    """The LoraConfig fields this object carries unmodelled (`peft_extras`, e.g. `eva_config`),
-    checked by building the LoraConfig they go into: its own checks raise TypeError, ValueError or
-    worse for a bad value, and any of them means PEFT refuses the file."""
+def _peft_problems(settings: LoraSettings) -> list[str]:
+    """What `peft.LoraConfig` itself refuses, found by building it (about 10 us): combinations such
+    as DoRA with `lora_bias`, and the LoraConfig fields carried unmodelled in `peft_extras` (e.g.
+    a malformed `eva_config`). Its checks raise TypeError, ValueError or worse; any of them means
+    PEFT refuses the config."""
+    import warnings
+
     try:
-        settings.to_peft_config()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            settings.to_peft_config()
     except Exception as error:  # whatever LoraConfig.__post_init__ raises is its refusal
-        fields = ", ".join(f"`{key}`" for key in sorted(settings.peft_extras))
-        return [f"PEFT's LoraConfig refuses {fields} ({type(error).__name__}: {short_repr(one_line(error), 120)})"]
+        return [
+            f"PEFT's LoraConfig refuses these settings ({type(error).__name__}: {short_repr(one_line(error), 160)})"
+        ]
     return []
 
 
@@ -346,22 +354,74 @@ def _regex_problems(settings: LoraSettings) -> list[str]:
         value = getattr(settings, name)
         if isinstance(value, str) and value != ALL_LINEAR:
             found += _compile_problem(name, value)
+    # PEFT embeds these in larger patterns (`get_pattern_key`, `check_target_module_exists`): a key
+    # like `(?i)q_proj` compiles alone but not inside them, so the embedded forms are compiled.
     for name in ("rank_pattern", "alpha_pattern"):
         for key in getattr(settings, name):
-            found += _compile_problem(f"{name} key", key)
+            found += _compile_problem(f"{name} key", key, rf"(.*\.)?({key})$")
     patterns = settings.layers_pattern
     for pattern in (patterns,) if isinstance(patterns, str) else patterns or ():
-        found += _compile_problem("layers_pattern", pattern)
+        found += _compile_problem("layers_pattern", pattern, rf".*\.{pattern}\.(\d+)\.")
     return found
 
 
-def _compile_problem(what: str, pattern: str) -> list[str]:
+def _compile_problem(what: str, pattern: str, embedded: str | None = None) -> list[str]:
+    if len(pattern) > MAX_REGEX_CHARS:
+        return [
+            f"`{what}` is {len(pattern):,} characters long; a module regex needs far fewer (at most {MAX_REGEX_CHARS:,})"
+        ]
     try:
         re.compile(pattern)
+        if embedded is not None:
+            re.compile(embedded)
+        if _nested_repeat(pattern):
+            return [
+                f"`{what}` {short_repr(pattern)} repeats a repeat (like `(a+)+`), which can take exponential "
+                "time to match: drop the outer repeat or use `.*`"
+            ]
     except (re.error, RecursionError, OverflowError) as error:
         reason = getattr(error, "msg", None) or type(error).__name__
         return [f"`{what}` {short_repr(pattern)} is not a valid regex ({reason}): fix or escape it"]
     return []
+
+
+def _nested_repeat(pattern: str) -> bool:
+    """Whether `pattern` repeats a body made of an unbounded repeat and nothing a match must
+    contain (`(a+)+`, `(.*)*`, `(\\w+\\s?)+`): Python's `re`, which PEFT matches with, can then
+    split a name among the iterations in exponentially many ways, and one such regex in a shared
+    server pins a thread for minutes. A body with a required part between iterations
+    (`(\\w+\\.)*`, `(x+y)+`) cannot be split that way and passes."""
+    try:
+        from re import _constants as constants  # Python 3.11+
+        from re import _parser as parser
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_constants as constants  # type: ignore[no-redef]
+        import sre_parse as parser  # type: ignore[no-redef]
+    repeats = {constants.MAX_REPEAT, constants.MIN_REPEAT, getattr(constants, "POSSESSIVE_REPEAT", None)}
+
+    def unbounded(item) -> bool:
+        return item[0] in repeats and (item[1][1] == constants.MAXREPEAT or item[1][1] > 64)
+
+    def ambiguous(body) -> bool:
+        items = list(body.data)
+        while len(items) == 1 and items[0][0] == constants.SUBPATTERN:  # (?:...) and (...) around it
+            body = items[0][1][3]
+            items = list(body.data)
+        inner = [item for item in items if unbounded(item)]
+        required = [item for item in items if parser.SubPattern(body.state, [item]).getwidth()[0] > 0]
+        return bool(inner) and all(item in inner for item in required)
+
+    def walk(node) -> bool:
+        if isinstance(node, parser.SubPattern):
+            return any(walk(item) for item in node.data)
+        if isinstance(node, tuple) and len(node) == 2 and node[0] in repeats:
+            body = node[1][2]
+            return (unbounded(node) and ambiguous(body)) or walk(body)
+        if isinstance(node, (list, tuple)):
+            return any(walk(child) for child in node)
+        return False
+
+    return walk(parser.parse(pattern))
 
 
 def _is_int(value: Any) -> bool:

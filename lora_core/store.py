@@ -12,6 +12,7 @@ whose processes are gone becomes `interrupted` within seconds, whoever started i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -65,6 +66,7 @@ CREATE TABLE IF NOT EXISTS runs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     owner TEXT,
     owner_started INTEGER,
+    owner_host TEXT,
     watcher_pid INTEGER,
     watcher_started INTEGER
 );
@@ -87,6 +89,7 @@ _ADDED_COLUMNS = {
     "longest_seq": "INTEGER",
     "owner": "TEXT",
     "owner_started": "INTEGER",
+    "owner_host": "TEXT",
     "watcher_pid": "INTEGER",
     "watcher_started": "INTEGER",
 }
@@ -102,9 +105,27 @@ OWNER_CHECK_EVERY = 1.0
 _last_owner_check: dict[Path, float] = {}
 _last_owner_check_lock = threading.Lock()
 
-_OWNER_COLUMNS = "id, status, owner, owner_pid, owner_started, watcher_pid, watcher_started"
-_SCRATCH_NAME = re.compile(r"run-(\d+)-(\d+)")
+_OWNER_COLUMNS = "id, status, owner, owner_pid, owner_started, owner_host, watcher_pid, watcher_started"
+_SCRATCH_NAME = re.compile(r"run-(\d+)-(\d+)(?:-(\w+))?")
 _HAVE_PROC = Path("/proc/self/stat").exists()
+
+
+def _host_id() -> str:
+    """This boot of this machine and this pid namespace, hashed: pids mean something only there.
+    Two containers sharing a data volume, or a host CLI writing to a container's volume, each see
+    the other's pids as dead; owners recorded elsewhere are left to their own readers."""
+    import hashlib
+    import socket
+
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+
+
+HOST = _host_id()
 _T = TypeVar("_T")
 
 
@@ -160,7 +181,7 @@ class Store:
         """A folder for one run's temporary files, created. It is named by run and process, so that
         `clean_scratch` can remove it once that process is gone, however it ended: a SIGKILL skips
         every cleanup of its own."""
-        path = self.data_dir / "scratch" / f"run-{run_id}-{os.getpid()}"
+        path = self.data_dir / "scratch" / f"run-{run_id}-{os.getpid()}-{HOST}"
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -173,7 +194,7 @@ class Store:
         removed = 0
         for entry in entries:
             match = _SCRATCH_NAME.fullmatch(entry.name)
-            if match and entry.is_dir() and not process_alive(int(match[2])):
+            if match and match[3] in (None, HOST) and entry.is_dir() and not process_alive(int(match[2])):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
         return removed
@@ -196,8 +217,8 @@ class Store:
             raise ValueError(f"owner must be one of {', '.join(OWNERS)}, not {owner!r}")
         me = os.getpid()
         return self._write(
-            "INSERT INTO runs (name, status, model, dataset, settings, config, created, owner, owner_pid, owner_started)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO runs (name, status, model, dataset, settings, config, created, owner, owner_pid, owner_started,"
+            " owner_host) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 name,
                 "queued",
@@ -209,6 +230,7 @@ class Store:
                 owner,
                 me,
                 process_started(me),
+                HOST,
             ),
         )
 
@@ -221,6 +243,8 @@ class Store:
         for role in ("owner", "watcher"):
             if f"{role}_pid" in fields and f"{role}_started" not in fields:
                 fields[f"{role}_started"] = process_started(fields[f"{role}_pid"])
+        if "owner_pid" in fields:
+            fields.setdefault("owner_host", HOST)
         columns = ", ".join(f"{name} = ?" for name in fields)
         self._write(f"UPDATE runs SET {columns} WHERE id = ?", (*fields.values(), run_id))
 
@@ -289,12 +313,13 @@ class Store:
             if row is None:
                 return None
             db.execute(
-                "UPDATE runs SET status = 'running', started = ?, owner_pid = ?, owner_started = ?,"
+                "UPDATE runs SET status = 'running', started = ?, owner_pid = ?, owner_started = ?, owner_host = ?,"
                 " watcher_pid = ?, watcher_started = ? WHERE id = ?",
                 (
                     time.time(),
                     me,
                     process_started(me),
+                    HOST,
                     watcher_pid,
                     process_started(watcher_pid) if watcher_pid else None,
                     row[0],
@@ -365,6 +390,8 @@ def _stranded_reason(row: sqlite3.Row) -> str | None:
     """Why an active run can no longer finish, or None while a process lives that can finish it or
     report why not. A queued run's owner is the process that queued it: a server's worker stops
     claiming when its server is gone, and a CLI run is only ever trained by its own process."""
+    if row["owner_host"] not in (None, HOST):
+        return None  # recorded in another machine or pid namespace: its pids mean nothing here
     if process_alive(row["owner_pid"], row["owner_started"]):
         return None
     if process_alive(row["watcher_pid"], row["watcher_started"]):

@@ -90,10 +90,15 @@ def causal_lm_config(name: str):
 
     try:
         path = str(ensure_embedded()) if name == EMBEDDED else name
+        if name != EMBEDDED and path.startswith("~"):
+            path = str(Path(path).expanduser())
+        local = Path(path).is_dir()
+        exists = Path(path).exists()
     except EmbeddedModelError as error:
         raise TrainSetupError(str(error)) from None
-    local = Path(path).is_dir()
-    if not local and (Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") > 1):
+    except (OSError, RuntimeError) as error:  # a name too long for a path, ~nosuchuser
+        raise TrainSetupError(f"model {short_repr(name)}: not a usable path or Hub id ({one_line(error)})") from None
+    if not local and (exists or path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise TrainSetupError(f"model {name!r}: give a model folder (with config.json) or a Hub id")
     offline = not local and not hub_reachable()
     try:
@@ -184,16 +189,19 @@ def load_dataset(spec: str, seed: int = 0):
     if spec in BUILTIN_TASKS:
         return builtin_dataset(spec, seed=seed)
     if spec.startswith("upload:"):
-        path = Path(spec.removeprefix("upload:")).expanduser()
-        if not path.is_file():
-            what = "is not a file" if path.exists() else "does not exist"
-            raise DatasetError(f"dataset file {path} {what}: give a JSONL or CSV file")
-        if path.stat().st_size > MAX_UPLOAD_BYTES:
-            raise DatasetError(f"dataset file {path} is over {MAX_UPLOAD_BYTES // 1_000_000} MB: use a smaller sample")
+        name = spec.removeprefix("upload:")
         try:
+            path = Path(name).expanduser()
+            if not path.is_file():
+                what = "is not a file" if path.exists() else "does not exist"
+                raise DatasetError(f"dataset file {short_repr(name)} {what}: give a JSONL or CSV file")
+            if path.stat().st_size > MAX_UPLOAD_BYTES:
+                raise DatasetError(
+                    f"dataset file {path} is over {MAX_UPLOAD_BYTES // 1_000_000} MB: use a smaller sample"
+                )
             data = path.read_bytes()
-        except OSError as error:
-            raise DatasetError(f"dataset file {path} cannot be read ({error.strerror or error})") from None
+        except (OSError, RuntimeError) as error:  # unreadable, a name too long, ~nosuchuser
+            raise DatasetError(f"dataset file {short_repr(name)} cannot be read ({one_line(error)})") from None
         return parse_upload(data, path.name, seed=seed)
     if spec.startswith("hub:"):
         return hub_dataset(spec.removeprefix("hub:"), seed=seed)
@@ -433,11 +441,19 @@ def _finish(
         store.update_run(run_id, status="failed", error=base.error, final_train_loss=None, **fields)
         return base
     adapter_dir = store.adapter_dir(run_id)
-    if int(os.environ.get("RANK", "0")) == 0:  # one writer under multi-GPU `accelerate launch`
+    if process_rank() == 0:  # one writer under multi-GPU `accelerate launch`
         peft_model.save_pretrained(adapter_dir)
     base.status = "cancelled" if cancel.is_set() else "completed"
     store.update_run(run_id, status=base.status, final_train_loss=final_train, adapter_dir=str(adapter_dir), **fields)
     return base
+
+
+def process_rank() -> int:
+    """This process's rank under `accelerate launch` / torchrun ($RANK), 0 when alone."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def eval_batch_size(config: TrainConfig) -> int:

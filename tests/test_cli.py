@@ -136,6 +136,15 @@ HOSTILE_ARGV = [
     (["count", "--model", "facebook/opt-125m", "--lora", "{wrong_types}"], "`r` must be a positive integer"),
     (["export", "--model", "facebook/opt-125m", "--lora", "{modules_to_save}"], "`modules_to_save`"),
     (["strategies", "--model", "facebook/opt-125m", "--r", "0"], "`r` must be a positive integer"),
+    (
+        ["count", "--model", "facebook/opt-125m", "--targets", "q_proj", "--use-dora", "--lora-bias"],
+        "LoraConfig refuses",
+    ),
+    (
+        ["count", "--model", "facebook/opt-125m", "--targets", "q_proj", "--rank-pattern", "(?i)q=4"],
+        "`rank_pattern key`",
+    ),
+    (["count", "--model", "a" * 300], "not a usable path"),
     (["memory", "--model", "facebook/opt-125m", "--batch", "1000000000000"], "`batch_size` must be a positive"),
     (["train", "--dataset", "upload:/no/such/file.jsonl"], "does not exist"),
     (["train", "--dataset", "upload:{empty}"], "has no rows"),

@@ -212,3 +212,20 @@ def test_local_model_roots_setting(monkeypatch, tmp_path) -> None:
     assert local_model_roots() == ()
     monkeypatch.setenv("LORA_EXPLORER_MODEL_ROOTS", f"{tmp_path}:/models")
     assert local_model_roots() == (tmp_path.resolve(), Path("/models").resolve())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert-base-uncased"])
+def test_hub_ids_without_an_org_still_go_to_the_hub(name) -> None:
+    """A review caught these being taken for local paths ("no such file or folder: gpt2")."""
+    for roots in (None, (Path("/nonexistent-root"),)):
+        with pytest.raises(ModelResolutionError, match="Hub is unreachable"):
+            resolve_model(name, local_roots=roots)
+
+
+@pytest.mark.parametrize("name", ["a" * 300, "~no-such-user-here/x", "x/" + "b" * 300])
+def test_names_no_path_can_hold_are_one_line(name) -> None:
+    """OSError (name too long) and RuntimeError (an unknown ~user) escaped before."""
+    with pytest.raises(ModelResolutionError):
+        resolve_model(name)
+    with pytest.raises(ModelResolutionError, match="local paths are limited"):
+        resolve_model(name, local_roots=(Path("/nonexistent-root"),))

@@ -148,6 +148,12 @@ def test_settings_hash_and_equality_ignore_list_vs_tuple() -> None:
         ({"layers_pattern": "(", "layers_to_transform": (0,)}, "`layers_pattern`"),
         ({"r": 1 << 20}, "`r`"),
         ({"layers_to_transform": (0, 99_999_999)}, "`layers_to_transform`"),
+        ({"rank_pattern": {"(?i)q_proj": 4}}, "`rank_pattern key`"),  # compiles alone, not inside PEFT's pattern
+        ({"layers_pattern": "(?i)layers", "layers_to_transform": (0,)}, "`layers_pattern`"),
+        ({"target_modules": "(.+)+y"}, "repeats a repeat"),  # exponential backtracking in re
+        ({"target_modules": r"(\w+\s?)+"}, "repeats a repeat"),
+        ({"target_modules": "a" * 1001}, "at most 1,000"),
+        ({"use_dora": True, "lora_bias": True}, "LoraConfig refuses"),  # was a ValueError from PEFT
     ],
 )
 def test_bad_regexes_and_absurd_sizes_are_problems_not_tracebacks(changes, field) -> None:
@@ -186,3 +192,10 @@ def test_binary_and_deeply_nested_json_are_refused_in_one_line() -> None:
         LoraSettings.from_json(b"\x7fELF\x02\x01\x01\x00\xff\xfe")
     with pytest.raises(LoraSettingsError, match="nested too deeply"):
         LoraSettings.from_json("[" * 100_000 + "]" * 100_000)
+
+
+@pytest.mark.parametrize(
+    "pattern", [r".*\.(q|k|v)_proj", r"(.*\.)?q_proj", r"(\w+\.)*q_proj", r"model\.layers\.(\d+)\.mlp\..*"]
+)
+def test_ordinary_module_regexes_pass(pattern) -> None:
+    assert LoraSettings(target_modules=pattern).problems() == []

@@ -374,9 +374,11 @@ def test_cli_progress_runs_on_a_null_store() -> None:
 
 
 def test_scratch_dir_is_per_run_and_process(tmp_path) -> None:
+    from lora_core.store import HOST
+
     store = Store.open(tmp_path / "data")
     scratch = store.scratch_dir(7)
-    assert scratch == tmp_path / "data" / "scratch" / f"run-7-{os.getpid()}" and scratch.is_dir()
+    assert scratch == tmp_path / "data" / "scratch" / f"run-7-{os.getpid()}-{HOST}" and scratch.is_dir()
     assert store.scratch_dir(7) == scratch  # asking twice is fine
 
 
@@ -405,3 +407,19 @@ def test_open_cleans_scratch_left_by_a_killed_run(tmp_path) -> None:
     left.mkdir(parents=True)
     Store.open(tmp_path / "data")
     assert not left.exists()
+
+
+def test_owners_recorded_in_another_pid_namespace_are_left_alone(tmp_path) -> None:
+    """Two containers sharing a data volume see each other's pids as dead: a run recorded on
+    another host or pid namespace is never marked by this one's readers, nor its scratch removed."""
+    from lora_core.store import HOST
+
+    store = Store.open(tmp_path)
+    run_id = store.create_run("elsewhere", "m", "d", {}, {}, owner="cli")
+    store.update_run(run_id, status="running", owner_pid=999_999_999, owner_host="other-namespace")
+    scratch = tmp_path / "scratch" / "run-7-999999999-othernamespace"
+    scratch.mkdir(parents=True)
+    assert store.mark_orphans_interrupted() == 0
+    assert store.run(run_id)["status"] == "running" and scratch.is_dir()
+    store.update_run(run_id, owner_host=HOST)  # the same dead pid recorded here is stranded
+    assert store.mark_orphans_interrupted() == 1 and store.run(run_id)["status"] == "interrupted"

@@ -321,3 +321,9 @@ def test_uploads_that_break_the_parsers_are_one_line(content: bytes, name: str) 
     with pytest.raises(DatasetError) as error:
         parse_upload(content, name)
     assert "\n" not in str(error.value)
+
+
+def test_a_later_row_missing_the_columns_is_one_line() -> None:
+    rows = "".join(f'{{"prompt": "p{i}", "completion": "c{i}"}}\n' for i in range(8)) + '{"text": "x"}\n'
+    with pytest.raises(DatasetError, match="row 9: empty, missing or non-text value"):
+        parse_upload(rows.encode(), "mixed.jsonl")
