@@ -8,6 +8,7 @@ with --json). Any other error is a bug: it keeps its traceback (exit 1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -32,6 +33,9 @@ class _BadInput(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    for stream in (sys.stdout, sys.stderr):  # a path with undecodable bytes prints escaped, not as a traceback
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)

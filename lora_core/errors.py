@@ -29,5 +29,8 @@ def one_line(text: object) -> str:
 def short_repr(value: object, limit: int = 60) -> str:
     """`repr(value)` cut to `limit` characters, so a huge hostile value keeps a message to one
     readable line."""
-    text = repr(value).replace("\n", " ")
+    try:
+        text = repr(value).replace("\n", " ")
+    except (RecursionError, ValueError):  # nested thousands deep; an int too long to print
+        text = f"<a {type(value).__name__} too large to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."

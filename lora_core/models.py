@@ -151,6 +151,12 @@ def resolve_model(
             "a model name is a catalogue id, a Hub id or a path: this one has invalid characters"
         )
     try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in a path: every table and message downstream needs text
+        raise ModelResolutionError(
+            f"{short_repr(name)}: the name holds bytes that are not UTF-8 text; rename the folder"
+        ) from None
+    try:
         local = _resolve_local(name, trust_remote_code, local_roots)
     except (OSError, RuntimeError, ValueError) as error:  # a name too long for a path, ~nosuchuser/...
         if isinstance(error, ModelResolutionError):
@@ -271,6 +277,15 @@ def _check_model_type(data: dict[str, Any], model_id: str, trust_remote_code: bo
     from transformers import CONFIG_MAPPING
 
     model_type = data.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise ModelResolutionError(f"{model_id}: `model_type` must be a string, got {short_repr(model_type)}")
+    architectures = data.get("architectures")
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(name, str) for name in architectures)
+    ):
+        raise ModelResolutionError(
+            f"{model_id}: `architectures` must be a list of class names, got {short_repr(architectures)}"
+        )
     if not model_type:
         raise ModelResolutionError(f"{model_id}: config.json has no `model_type`; is this a transformers config?")
     if model_type not in CONFIG_MAPPING and not (trust_remote_code and data.get("auto_map")):

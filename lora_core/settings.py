@@ -195,7 +195,14 @@ class LoraSettings:
         return dict(sorted(data.items()))
 
     def to_peft_config(self):
-        """A fresh `peft.LoraConfig` (never shared: `get_peft_model` mutates the one it gets)."""
+        """A fresh `peft.LoraConfig` (never shared: `get_peft_model` mutates the one it gets).
+        Raises `LoraSettingsError` listing `problems()` when there are any."""
+        problems = self.problems()
+        if problems:
+            raise LoraSettingsError(problems)
+        return self._build_peft_config()
+
+    def _build_peft_config(self):
         from peft import LoraConfig
 
         kwargs = {name: getattr(self, name) for name in MODELLED_FIELDS}
@@ -262,11 +269,17 @@ def parse_json(text: str | bytes) -> Any:
         except UnicodeDecodeError:
             raise LoraSettingsError(["not a text file: give the adapter_config.json itself"]) from None
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as error:
         raise LoraSettingsError([f"not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"]) from None
     except RecursionError:
         raise LoraSettingsError(["not valid JSON: nested too deeply"]) from None
+
+
+def _refuse_constant(name: str) -> Any:
+    """Python's json takes NaN and Infinity, which JSON does not: refused, so no value read here
+    can make an export invalid JSON."""
+    raise LoraSettingsError([f"not valid JSON: {name} is not a JSON number"])
 
 
 def unknown_keys(data: Mapping[str, Any]) -> list[str]:
@@ -337,7 +350,7 @@ def _peft_problems(settings: LoraSettings) -> list[str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            settings.to_peft_config()
+            settings._build_peft_config()
     except Exception as error:  # whatever LoraConfig.__post_init__ raises is its refusal
         return [
             f"PEFT's LoraConfig refuses these settings ({type(error).__name__}: {short_repr(one_line(error), 160)})"
@@ -359,6 +372,8 @@ def _regex_problems(settings: LoraSettings) -> list[str]:
     for name in ("rank_pattern", "alpha_pattern"):
         for key in getattr(settings, name):
             found += _compile_problem(f"{name} key", key, rf"(.*\.)?({key})$")
+    for name in settings.modules_to_save or ():  # PEFT's check_target_module_exists matches these as regexes
+        found += _compile_problem("modules_to_save", name, rf"(^|.*\.){name}($|\..*)")
     patterns = settings.layers_pattern
     for pattern in (patterns,) if isinstance(patterns, str) else patterns or ():
         found += _compile_problem("layers_pattern", pattern, rf".*\.{pattern}\.(\d+)\.")
@@ -387,8 +402,9 @@ def _compile_problem(what: str, pattern: str, embedded: str | None = None) -> li
 
 def _nested_repeat(pattern: str) -> bool:
     """Whether `pattern` repeats a body made of an unbounded repeat and nothing a match must
-    contain (`(a+)+`, `(.*)*`, `(\\w+\\s?)+`): Python's `re`, which PEFT matches with, can then
-    split a name among the iterations in exponentially many ways, and one such regex in a shared
+    contain (`(a+)+`, `(.*)*`, `(\\w+\\s?)+`), or of overlapping alternatives (`(.|.)*`,
+    `(a|aa)+`): Python's `re`, which PEFT matches with, can then split a name among the
+    iterations in exponentially many ways, and one such regex in a shared
     server pins a thread for minutes. A body with a required part between iterations
     (`(\\w+\\.)*`, `(x+y)+`) cannot be split that way and passes."""
     try:
@@ -409,7 +425,16 @@ def _nested_repeat(pattern: str) -> bool:
             items = list(body.data)
         inner = [item for item in items if unbounded(item)]
         required = [item for item in items if parser.SubPattern(body.state, [item]).getwidth()[0] > 0]
-        return bool(inner) and all(item in inner for item in required)
+        if inner and all(item in inner for item in required):
+            return True
+        # Alternatives one iteration can split in two ways: `(.|.)`, `(a|aa)` (the parser factors
+        # out the shared prefix, leaving equal or empty branches).
+        for op, value in items:
+            if op == constants.BRANCH:
+                branches = [str(list(branch)) for branch in value[1]]
+                if len(set(branches)) < len(branches) or any(not list(branch) for branch in value[1]):
+                    return True
+        return False
 
     def walk(node) -> bool:
         if isinstance(node, parser.SubPattern):
