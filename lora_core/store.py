@@ -505,12 +505,9 @@ class NullStore:
     def open(cls, data_dir: str | Path | None = None) -> NullStore:
         return cls()
 
-    @property
-    def path(self) -> Path:
-        return self.data_dir / "runs.sqlite"
-
-    def adapter_dir(self, run_id: int) -> Path:
-        return self.data_dir / "adapters" / f"run-{run_id}"
+    # Paths derive from `data_dir` alone: Store's own definitions serve.
+    path = Store.path
+    adapter_dir = Store.adapter_dir
 
     def scratch_dir(self, run_id: int) -> Path:
         """A real, new folder in the system temp dir: training on this rank still writes scratch files."""

@@ -541,18 +541,7 @@ class _FakeParams(dict):
 )
 def test_load_query_params_keeps_only_valid_values(params) -> None:
     common = _common()
-    before = {
-        "lx_spec": resolve_model(common.DEFAULT_MODEL),
-        "lx_catalogue_choice": common.DEFAULT_MODEL,
-        "lx_r": 16,
-        "lx_alpha": 32.0,
-        "lx_dropout": 0.05,
-        "lx_strategy": "All attention",
-        "lx_custom_targets": "q_proj, v_proj",
-        "lx_rslora": False,
-        "lx_dora": False,
-        "lx_bias": "none",
-    }
+    before = {"lx_spec": resolve_model(common.DEFAULT_MODEL), **common.SIDEBAR_DEFAULTS}
     state = dict(before)
     fake = types.SimpleNamespace(query_params=_FakeParams(params), session_state=state)
     with hang_guard(f"link {show(params)}"), mock.patch.object(common, "st", fake):

@@ -12,7 +12,6 @@ import pytest
 from lora_core import ModelResolutionError, catalogue_ids, inventory, resolve_model, spec_from_text
 from lora_core.models import build_meta_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "model-configs"
 CATALOGUE = Path(__file__).resolve().parents[1] / "lora_core" / "catalogue"
 
 
