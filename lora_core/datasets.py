@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_core.errors import InputError
+from lora_core.errors import InputError, short_repr
 
 MAX_UPLOAD_BYTES = 20_000_000
 MIN_EXAMPLES = 8
@@ -189,13 +189,39 @@ def split_examples(name: str, examples: list[Example], eval_fraction: float = 0.
     return Dataset(name, tuple(shuffled[eval_size:]), tuple(shuffled[:eval_size]), f"{len(shuffled)} rows from {name}")
 
 
+def hub_dataset_id(text: str) -> str:
+    """`text` as a Hub dataset id, by the Hub's own rule (owner/name). Raises `DatasetError`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    name = text.strip()
+    if not name:
+        raise DatasetError("give a Hub dataset id")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise DatasetError(
+            f"{short_repr(name)} is not a Hub dataset id: owner/name of letters, digits, '-', '_' and '.', "
+            "at most 96 characters"
+        ) from None
+    return name
+
+
+def check_hub_dataset(text: str) -> str:
+    """The Hub dataset id in `text` when it is well-formed and the Hub answers; raises
+    `DatasetError` otherwise (downloading it is the run's work)."""
+    from lora_core.models import hub_reachable
+
+    repo_id = hub_dataset_id(text)
+    if not hub_reachable():
+        raise DatasetError(f"{repo_id!r}: the Hub is unreachable; use a built-in task or upload a JSONL/CSV file")
+    return repo_id
+
+
 def hub_dataset(repo_id: str, eval_fraction: float = 0.1, seed: int = 0, max_rows: int = 20_000) -> Dataset:
     """A Hub dataset repo's first train split file (JSONL, CSV or Parquet). Raises `DatasetError`
     offline or when no usable file is found."""
-    from lora_core.models import hub_reachable
-
-    if not hub_reachable():
-        raise DatasetError(f"{repo_id!r}: the Hub is unreachable; use a built-in task or upload a JSONL/CSV file")
+    repo_id = check_hub_dataset(repo_id)
     import pandas as pd
     from huggingface_hub import hf_hub_download, list_repo_files
 

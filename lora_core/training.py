@@ -10,7 +10,6 @@ import contextlib
 import copy
 import math
 import os
-import re
 import shutil
 import sys
 import threading
@@ -162,15 +161,10 @@ def check_dataset(spec: str, seed: int = 0) -> None:
     """Raise `DatasetError` unless `spec` can be trained on: a built-in task or an upload is read
     and parsed; a Hub dataset is only checked for its id's form and the Hub's reach (downloading
     it is the run's work, not the form's)."""
-    from lora_core.datasets import DatasetError
-    from lora_core.models import hub_reachable
+    from lora_core.datasets import check_hub_dataset
 
     if isinstance(spec, str) and spec.startswith("hub:"):
-        repo = spec.removeprefix("hub:").strip()
-        if not re.fullmatch(r"[\w.-]{1,96}(/[\w.-]{1,96})?", repo) or ".." in repo:
-            raise DatasetError(f"{short_repr(repo)} is not a Hub dataset id: use owner/name")
-        if not hub_reachable():
-            raise DatasetError(f"{repo!r}: the Hub is unreachable; use a built-in task or upload a JSONL/CSV file")
+        check_hub_dataset(spec.removeprefix("hub:"))
         return
     load_dataset(spec, seed)
 

@@ -14,7 +14,7 @@ import streamlit as st
 
 import lora_core
 from lora_core.adapters import adapter_zip, effective_ranks
-from lora_core.datasets import BUILTIN_TASKS, parse_upload
+from lora_core.datasets import BUILTIN_TASKS, hub_dataset_id, parse_upload
 from lora_core.errors import InputError
 from lora_core.models import local_model_roots
 from lora_core.strategies import STRATEGIES, resolve_strategy
@@ -83,24 +83,6 @@ def store_upload(checked: Upload, data_dir: Path) -> Path:
     except OSError as error:
         raise InputError(f"{checked.name} could not be stored on the server ({error.strerror or error})") from None
     return path
-
-
-def hub_dataset_id(text: str) -> str:
-    """A Hub dataset id in the form the Hub allows (owner/name). Raises `InputError`."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    name = text.strip()
-    if not name:
-        raise InputError("give a Hub dataset id")
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        shown = name if len(name) <= 60 else name[:57] + "..."
-        raise InputError(
-            f"{shown!r} is not a Hub dataset id: owner/name of letters, digits, '-', '_' and '.', at most 96 characters"
-        ) from None
-    return name
 
 
 def run_name(text: str) -> str | None:
