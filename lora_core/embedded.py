@@ -9,7 +9,6 @@ safetensors under the user's cache directory; later loads take well under a seco
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import threading
 from pathlib import Path
 
 from lora_core.errors import one_line
+from lora_core.locking import file_lock
 
 EMBEDDED_ID = "SmolLM2-135M-Instruct (embedded)"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,7 +72,7 @@ def ensure_embedded() -> Path:
     if _complete(target):
         return target
     try:
-        with _LOCK, _file_lock(target.with_name(target.name + ".lock")):
+        with _LOCK, file_lock(target.with_name(target.name + ".lock")):
             if not _complete(target):
                 _convert_in_child(target)
     except OSError as error:  # a cache folder this user cannot write
@@ -101,23 +101,6 @@ def _convert_in_child(target: Path) -> None:
 
 def _complete(target: Path) -> bool:
     return (target / "model.safetensors").is_file() and (target / "tokenizer_config.json").is_file()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    """An exclusive lock between processes (fcntl); a no-op where fcntl is missing (Windows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def convert(target: Path) -> None:

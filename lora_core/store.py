@@ -21,8 +21,8 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,11 +30,7 @@ from typing import Any, TypeVar
 import pandas as pd
 
 from lora_core.errors import InputError
-
-try:
-    import fcntl
-except ImportError:  # Windows: opening falls back to retrying while SQLite says the file is locked
-    fcntl = None
+from lora_core.locking import file_lock
 
 ACTIVE = ("queued", "running")
 FINISHED = ("completed", "failed", "cancelled", "interrupted")
@@ -150,7 +146,10 @@ class Store:
         scratch folders of dead processes are removed."""
         store = cls(Path(data_dir) if data_dir else default_data_dir())
         store.data_dir.mkdir(parents=True, exist_ok=True)
-        with _exclusive(store.data_dir / "runs.sqlite.lock"):
+        # Set-up must not overlap another process's: switching a new database to WAL upgrades a
+        # read lock to a write lock, which SQLite refuses at once, without its busy timeout, while
+        # another connection writes ("database is locked" when two processes opened a new store).
+        with file_lock(store.data_dir / "runs.sqlite.lock"):
             _retry_while_locked(store._set_up)
         store.mark_orphans_interrupted()
         store.clean_scratch()
@@ -166,7 +165,7 @@ class Store:
                 if column not in have:
                     try:
                         db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
-                    except sqlite3.OperationalError as error:  # without fcntl, another process may add it first
+                    except sqlite3.OperationalError as error:  # without a file lock, another process may add it first
                         if "duplicate column" not in str(error):
                             raise
 
@@ -446,23 +445,6 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     # counted from the last ')': field 3 (state) comes first and field 22 (start time) 19 later.
     fields = text[text.rindex(")") + 2 :].split()
     return fields[0], int(fields[19])
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_path` (where fcntl exists). Setting up a store must not
-    overlap another process's set-up: switching a new database to WAL upgrades a read lock to a
-    write lock, which SQLite refuses at once, without its busy timeout, while another connection
-    writes, so two processes opening a new store together failed with "database is locked"."""
-    if fcntl is None:
-        yield
-        return
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _retry_while_locked(action: Callable[[], _T], patience: float = 30.0) -> _T:
