@@ -489,15 +489,20 @@ def _clean(text: str) -> str:
     return "".join(c for c in text if unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
 
 
+def _base_name(name: str) -> str:
+    """The last path part of a client-supplied name, cleaned (either slash counts)."""
+    return _clean(str(name)).replace("\\", "/").rsplit("/", 1)[-1].strip()
+
+
 def _suffix(name: str) -> str:
-    base = _clean(str(name)).replace("\\", "/").rsplit("/", 1)[-1].strip()
+    base = _base_name(name)
     return PurePosixPath(base).suffix.lower() if base not in ("", ".", "..") else ""
 
 
 def display_name(name: str, limit: int = 80) -> str:
     """A client-supplied file name made safe to show: its last path part, without control or
     direction-override characters, at most `limit` characters (the suffix kept)."""
-    base = _clean(str(name)).replace("\\", "/").rsplit("/", 1)[-1].strip() or "(unnamed file)"
+    base = _base_name(name) or "(unnamed file)"
     if len(base) > limit:
         suffix = PurePosixPath(base).suffix[:16]
         base = base[: limit - len(suffix) - 1] + "…" + suffix
