@@ -30,7 +30,7 @@ import pandas as pd
 
 from lora_core.counting import CountResult, count_lora_params
 from lora_core.errors import InputError
-from lora_core.models import Inventory, as_inventory
+from lora_core.models import MAX_POSITIONS, Inventory, as_inventory
 from lora_core.settings import LoraSettings
 
 GIB = 2**30
@@ -62,7 +62,7 @@ CPU_ALLOCATOR_SLACK = 0.30
 
 # Beyond any real per-device run: larger values are typos, and their estimates mean nothing.
 MAX_BATCH = 1 << 16
-MAX_SEQ_LEN = 1 << 24  # the longest position table models.SIZE_LIMITS allows
+MAX_SEQ_LEN = MAX_POSITIONS  # the longest position table a config may have
 
 
 class MemorySetupError(InputError):

@@ -24,6 +24,7 @@ import pandas as pd
 
 from lora_core.errors import InputError, one_line, short_repr
 from lora_core.roles import classify_role
+from lora_core.settings import MAX_LAYER
 
 CATALOGUE_DIR = Path(__file__).parent / "catalogue"
 MAX_CONFIG_BYTES = 1_000_000
@@ -34,8 +35,9 @@ MODEL_ROOTS_ENV = "LORA_EXPLORER_MODEL_ROOTS"
 # layers in Llama-3.1-405B, hidden 16384, FFN 53248, vocab 262144, 384 experts in Kimi K2). A
 # config beyond them is a typo or an attack: building it on the meta device would take minutes
 # and gigabytes (1,000,000 layers), and its counts would overflow 64-bit integers (hidden 1e9).
+MAX_POSITIONS = 1 << 24
 SIZE_LIMITS: tuple[tuple[str, re.Pattern[str], int], ...] = (
-    ("layers", re.compile(r"(^|_)(n_)?layers?$|^n_layer$|^num_.*layers$"), 1024),
+    ("layers", re.compile(r"(^|_)(n_)?layers?$|^n_layer$|^num_.*layers$"), MAX_LAYER),
     ("width", re.compile(r"^(hidden_size|n_embd|d_model|dim|head_dim|d_kv|kv_lora_rank|q_lora_rank)$"), 65536),
     (
         "FFN width",
@@ -45,7 +47,7 @@ SIZE_LIMITS: tuple[tuple[str, re.Pattern[str], int], ...] = (
     ("vocabulary", re.compile(r"^vocab_size$"), 1 << 22),
     ("experts", re.compile(r"experts$|^num_experts_per_tok$|^moe_topk$"), 4096),
     ("heads", re.compile(r"heads$|^n_head$"), 4096),
-    ("positions", re.compile(r"^(max_position_embeddings|n_positions|n_ctx)$"), 1 << 24),
+    ("positions", re.compile(r"^(max_position_embeddings|n_positions|n_ctx)$"), MAX_POSITIONS),
 )
 # Layers x experts, since some MoE classes build one module per expert (Kimi K2: 61 x 384 = 23,424).
 MAX_EXPERT_LAYERS = 1 << 17

@@ -20,7 +20,7 @@ from lora_core.errors import InputError, one_line, short_repr
 ALL_LINEAR = "all-linear"
 # Beyond any useful rank (the widest real layers are ~16k-54k wide): keeps every count inside int64.
 MAX_RANK = 1 << 16
-# Layer indices stop here (models.SIZE_LIMITS allows at most 1024 layers).
+# Layer indices stop here, and so do a config's layers (models.SIZE_LIMITS).
 MAX_LAYER = 1024
 # A regex over module names; anything longer is a paste accident or an attack.
 MAX_REGEX_CHARS = 1000
@@ -454,7 +454,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return _is_int(value) and value > 0
 
 
 def _is_number(value: Any) -> bool:
