@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lora_core import options
 from lora_core.errors import InputError, one_line
 
 EXIT_BAD_INPUT = 2
@@ -84,16 +85,16 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(memory)
     memory.add_argument("--batch", type=int, default=4, help="per-device batch size")
     memory.add_argument("--seq", type=int, default=1024, help="tokens per sequence (padded length)")
-    memory.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="base weights/activations")
+    memory.add_argument("--dtype", choices=options.DTYPES, default="bf16", help="base weights/activations")
     memory.add_argument("--qlora", action="store_true", help="4-bit NF4 base weights (bitsandbytes, double quant)")
     memory.add_argument("--int8", action="store_true", help="LLM.int8 base weights (bitsandbytes)")
     memory.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantisation")
     memory.add_argument("--grad-checkpointing", action="store_true")
-    memory.add_argument("--optimizer", choices=("adamw", "adamw_8bit", "sgd", "sgd_momentum"), default="adamw")
-    memory.add_argument("--attention", choices=("sdpa", "flash_attention_2", "eager"), default="sdpa")
-    memory.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    memory.add_argument("--optimizer", choices=options.OPTIMIZERS, default="adamw")
+    memory.add_argument("--attention", choices=options.ATTENTIONS, default="sdpa")
+    memory.add_argument("--device", choices=options.MEMORY_DEVICES, default="cuda")
     memory.add_argument("--eval-batch", type=int, help="add an evaluation pass with this batch size")
-    memory.add_argument("--adapter-dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    memory.add_argument("--adapter-dtype", choices=options.DTYPES, default="fp32")
     memory.add_argument("--no-autocast", action="store_true", help="a 16-bit model trained without autocast")
     memory.add_argument("--fits", action="store_true", help="also list the largest batch/sequence per GPU size")
     memory.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -140,7 +141,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers-pattern", help="layers_pattern, e.g. layers")
     parser.add_argument("--use-dora", action="store_true", default=None)
     parser.add_argument("--use-rslora", action="store_true", default=None)
-    parser.add_argument("--bias", choices=("none", "all", "lora_only"))
+    parser.add_argument("--bias", choices=options.BIASES)
     parser.add_argument("--lora-bias", action="store_true", default=None)
     parser.add_argument("--modules-to-save", help="comma list of modules trained in full")
 
@@ -316,7 +317,7 @@ def _cmd_memory(args: argparse.Namespace) -> int:
         attention=args.attention,
         device=args.device,
         eval_batch_size=args.eval_batch,
-        adapter_dtype="fp32" if args.dtype == "fp32" else args.adapter_dtype,
+        adapter_dtype=options.adapter_dtype_for(args.dtype, args.adapter_dtype),
         autocast=not args.no_autocast,
     )
     inv = inventory(resolve_model(args.model))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import streamlit as st
 
+from lora_core import options
 from lora_core.memory import GIB, GPUS_GIB, MemorySetupError, TrainSetup, estimate_memory, fits_table, strategy_table
 from pages.common import add_markers, hline, page_state, show_count, vline
 
@@ -36,35 +37,33 @@ left, middle, right = st.columns(3)
 with left:
     batch = st.number_input("Batch size (per device)", 1, 4096, 4, key="lx_mem_batch")
     seq = st.number_input("Sequence length (tokens)", 1, 1 << 20, 1024, step=128, key="lx_mem_seq")
-    device = st.radio("Device", ["cuda", "cpu"], horizontal=True, key="lx_mem_device")
+    device = st.radio("Device", options.MEMORY_DEVICES, horizontal=True, key="lx_mem_device")
 with middle:
-    dtype = st.selectbox("Base dtype", ["bf16", "fp16", "fp32"], key="lx_mem_dtype")
+    dtype = st.selectbox("Base dtype", options.DTYPES, key="lx_mem_dtype")
     quantization = st.selectbox(
         "Base quantisation",
-        ["none", "nf4", "int8"],
-        format_func={"none": "none", "nf4": "4-bit NF4 (QLoRA)", "int8": "8-bit LLM.int8"}.get,
+        options.QUANTIZATIONS,
+        format_func=options.QUANTIZATION_LABELS.get,
         key="lx_mem_quant",
     )
     double_quant = st.toggle("Double quantisation (QLoRA)", value=True, key="lx_mem_double_quant")
 with right:
     optimizer = st.selectbox(
         "Optimizer",
-        ["adamw", "adamw_8bit", "sgd", "sgd_momentum"],
-        format_func={
-            "adamw": "AdamW (fp32 moments)",
-            "adamw_8bit": "8-bit AdamW",
-            "sgd": "SGD",
-            "sgd_momentum": "SGD with momentum",
-        }.get,
+        options.OPTIMIZERS,
+        format_func=options.OPTIMIZER_LABELS.get,
         key="lx_mem_optimizer",
     )
-    attention = st.selectbox("Attention", ["sdpa", "flash_attention_2", "eager"], key="lx_mem_attention")
+    attention = st.selectbox("Attention", options.ATTENTIONS, key="lx_mem_attention")
     checkpointing = st.toggle("Gradient checkpointing", key="lx_mem_checkpointing")
 with st.expander("More: evaluation pass, adapter dtype, autocast"):
     col1, col2, col3 = st.columns(3)
     eval_batch = col1.number_input("Evaluation batch (0: none)", 0, 4096, 0, key="lx_mem_eval_batch")
     adapter_dtype = col2.selectbox(
-        "Adapter dtype", ["fp32", "bf16", "fp16"], key="lx_mem_adapter_dtype", help="PEFT upcasts adapters to fp32"
+        "Adapter dtype",
+        ("fp32", *(d for d in options.DTYPES if d != "fp32")),
+        key="lx_mem_adapter_dtype",
+        help="PEFT upcasts adapters to fp32",
     )
     autocast = col3.toggle("Mixed precision (autocast)", value=True, key="lx_mem_autocast")
 
@@ -79,7 +78,7 @@ setup = TrainSetup(
     attention=attention,
     device=device,
     eval_batch_size=int(eval_batch) or None,
-    adapter_dtype="fp32" if dtype == "fp32" else adapter_dtype,
+    adapter_dtype=options.adapter_dtype_for(dtype, adapter_dtype),
     autocast=autocast,
 )
 try:
