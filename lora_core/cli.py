@@ -148,7 +148,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace, base=None):
     """A LoraSettings from the flags, on top of `base` (an --lora file's settings) when given."""
-    from lora_core.settings import LoraSettings
+    from lora_core.settings import LoraSettings, parse_targets
 
     settings = base or LoraSettings()
     changes: dict[str, Any] = {}
@@ -159,7 +159,7 @@ def settings_from_args(args: argparse.Namespace, base=None):
         if getattr(args, flag):
             changes[field] = True
     if args.targets:
-        changes["target_modules"] = _targets(args.targets)
+        changes["target_modules"] = parse_targets(args.targets)
     if args.target_parameters:
         changes["target_parameters"] = _csv(args.target_parameters)
     if args.exclude:
@@ -177,14 +177,6 @@ def settings_from_args(args: argparse.Namespace, base=None):
     if "lora_alpha" not in changes and isinstance(changes.get("r"), int) and changes["r"] > 0 and base is None:
         changes["lora_alpha"] = changes["r"]  # alpha = r unless told otherwise: the article's default
     return settings.replace(**changes)
-
-
-def _targets(text: str):
-    if text.startswith("re:"):
-        return text[3:]
-    if text.strip().lower() == "all-linear":
-        return "all-linear"
-    return _csv(text)
 
 
 def _csv(text: str) -> tuple[str, ...]:

@@ -261,6 +261,18 @@ class LoraSettings:
         return cls.from_peft_dict(config.to_dict())
 
 
+def parse_targets(text: str) -> tuple[str, ...] | str:
+    """Target modules as users type them (the CLI's --targets, the sidebar's custom field):
+    `q_proj, v_proj` -> a tuple of names; `all-linear` (any case) as PEFT's shortcut; `re:REGEX` ->
+    the regex string PEFT full-matches against module names."""
+    text = text.strip()
+    if text.startswith("re:"):
+        return text[3:]
+    if text.lower() == ALL_LINEAR:
+        return ALL_LINEAR
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def parse_json(text: str | bytes) -> Any:
     """JSON text (or UTF-8 bytes) as data; anything else raises `LoraSettingsError` in one line."""
     if isinstance(text, bytes):

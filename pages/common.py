@@ -23,6 +23,7 @@ from lora_core.errors import InputError
 from lora_core.guidelines import alpha_advice
 from lora_core.models import MAX_CONFIG_BYTES, local_model_roots
 from lora_core.runner import RunManager
+from lora_core.settings import parse_targets
 from lora_core.store import Store, default_data_dir
 from lora_core.strategies import STRATEGIES, StrategyError, describe_targets, resolve_strategy
 
@@ -536,16 +537,6 @@ def settings_from_state(inv: lora_core.Inventory) -> tuple[LoraSettings, str]:
     except StrategyError as error:
         return base.replace(target_modules=()), str(error)
     return targets.apply(base), targets.note
-
-
-def parse_targets(text: str) -> tuple[str, ...] | str:
-    """`q_proj, v_proj` -> a list; `all-linear` as is; `re:...` -> a regex string."""
-    text = text.strip()
-    if text.startswith("re:"):
-        return text[3:]
-    if text.lower() == "all-linear":
-        return "all-linear"
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def page_state() -> Current:

@@ -36,7 +36,7 @@ from lora_core.counting import count_lora_params
 from lora_core.errors import InputError
 from lora_core.export import import_config
 from lora_core.models import CATALOGUE_DIR, SIZE_LIMITS, catalogue_ids, inventory, resolve_model, spec_from_text
-from lora_core.settings import MAX_RANK, MODELLED_FIELDS, LoraSettings
+from lora_core.settings import MAX_RANK, MODELLED_FIELDS, LoraSettings, parse_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES") or 0)
@@ -501,7 +501,7 @@ def _assert_link_value(key: str, value) -> None:
         assert value in (*STRATEGIES, common.CUSTOM), value
     elif key == "lx_custom_targets":
         assert isinstance(value, str) and value.strip(), value
-        assert LoraSettings(target_modules=common.parse_targets(value)).problems() == [], value
+        assert LoraSettings(target_modules=parse_targets(value)).problems() == [], value
     elif key in ("lx_rslora", "lx_dora"):
         assert isinstance(value, bool), value
     elif key == "lx_bias":
