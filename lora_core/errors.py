@@ -34,3 +34,17 @@ def short_repr(value: object, limit: int = 60) -> str:
     except (RecursionError, ValueError):  # nested thousands deep; an int too long to print
         text = f"<a {type(value).__name__} too large to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_int(value: object) -> bool:
+    """An int that is not a bool (JSON and widgets hand over `True` where a count was meant)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def positive_int_problem(name: str, value: object, limit: int | None = None) -> str | None:
+    """The one-line problem when `value` is not an integer in 1..`limit` (no upper bound when
+    `limit` is None), else None. Every count, size and rank check of the engine says it this way."""
+    if is_int(value) and value >= 1 and (limit is None or value <= limit):
+        return None
+    bound = f" up to {limit:,}" if limit is not None else ""
+    return f"`{name}` must be a positive integer{bound}, got {short_repr(value)}"
