@@ -4,14 +4,14 @@ with context, Axolotl and LLaMA-Factory YAML fragments, and a runnable Python sn
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from lora_core.counting import count_lora_params
 from lora_core.models import Inventory, as_inventory
-from lora_core.settings import LoraSettings, LoraSettingsError
+from lora_core.settings import ALL_LINEAR, LoraSettings, LoraSettingsError
 
 Format = Literal["peft", "json", "axolotl", "llamafactory", "python"]
-FORMATS: tuple[str, ...] = ("peft", "json", "axolotl", "llamafactory", "python")
+FORMATS: tuple[Format, ...] = get_args(Format)
 FILE_NAMES = {
     "peft": "adapter_config.json",
     "json": "lora-explorer.json",
@@ -34,9 +34,9 @@ def export(settings: LoraSettings, model: str | Inventory, fmt: Format) -> str:
     if fmt == "json":
         return json.dumps(full_json(settings, inv, result), indent=2, sort_keys=True) + "\n"
     if fmt == "axolotl":
-        return _axolotl(settings, inv)
+        return _yaml(axolotl_config(settings, inv.spec.model_id, _targets_list(settings, inv)))
     if fmt == "llamafactory":
-        return _llamafactory(settings, inv)
+        return _yaml(llamafactory_config(settings, inv.spec.model_id, _targets_list(settings, inv)))
     if fmt == "python":
         return _python(settings, inv)
     raise ValueError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -86,58 +86,71 @@ def _targets_list(settings: LoraSettings, inv: Inventory) -> list[str] | str:
     targets = settings.target_modules
     if isinstance(targets, tuple):
         return list(targets)
-    if targets == "all-linear":
-        return "all-linear"
+    if targets == ALL_LINEAR:
+        return ALL_LINEAR
     adapted, _ = matched_module_names(inv, settings)  # a regex: the tools take names, so list them
     return sorted({name.rsplit(".", 1)[-1] for name in adapted})
 
 
-def _yaml_list(values: list[str]) -> str:
-    return "\n".join(f"  - {v}" for v in values)
-
-
-def _axolotl(settings: LoraSettings, inv: Inventory) -> str:
-    targets = _targets_list(settings, inv)
-    lines = [
-        f"base_model: {inv.spec.model_id}",
-        "adapter: lora",
-        f"lora_r: {settings.r}",
-        f"lora_alpha: {_num(settings.lora_alpha)}",
-        f"lora_dropout: {_num(settings.lora_dropout)}",
-    ]
-    if targets == "all-linear":
-        lines.append("lora_target_linear: true")
+def axolotl_config(settings: LoraSettings, model_id: str, targets: list[str] | str) -> dict[str, Any]:
+    """The Axolotl LoRA keys for `settings`, with `targets` as `_targets_list` gives them."""
+    config: dict[str, Any] = {
+        "base_model": model_id,
+        "adapter": "lora",
+        "lora_r": settings.r,
+        "lora_alpha": _num(settings.lora_alpha),
+        "lora_dropout": _num(settings.lora_dropout),
+    }
+    if targets == ALL_LINEAR:
+        config["lora_target_linear"] = True
     else:
-        lines += ["lora_target_modules:", _yaml_list(targets)]
+        config["lora_target_modules"] = list(targets)
     if settings.use_rslora:
-        lines.append("peft_use_rslora: true")
+        config["peft_use_rslora"] = True
     if settings.use_dora:
-        lines.append("peft_use_dora: true")
+        config["peft_use_dora"] = True
     if settings.modules_to_save:
-        lines += ["lora_modules_to_save:", _yaml_list(list(settings.modules_to_save))]
+        config["lora_modules_to_save"] = list(settings.modules_to_save)
     if settings.layers_to_transform is not None:
         layers = settings.layers_to_transform
-        lines.append(f"peft_layers_to_transform: {list(layers) if isinstance(layers, tuple) else [layers]}")
-    return "\n".join(lines) + "\n"
+        config["peft_layers_to_transform"] = list(layers) if isinstance(layers, tuple) else [layers]
+    return config
 
 
-def _llamafactory(settings: LoraSettings, inv: Inventory) -> str:
-    targets = _targets_list(settings, inv)
-    lines = [
-        f"model_name_or_path: {inv.spec.model_id}",
-        "finetuning_type: lora",
-        f"lora_rank: {settings.r}",
-        f"lora_alpha: {_num(settings.lora_alpha)}",
-        f"lora_dropout: {_num(settings.lora_dropout)}",
-        f"lora_target: {'all' if targets == 'all-linear' else ','.join(targets)}",
-    ]
+def llamafactory_config(settings: LoraSettings, model_id: str, targets: list[str] | str) -> dict[str, Any]:
+    """The LLaMA-Factory LoRA keys for `settings`: its `lora_target` and `additional_target` are
+    comma-separated strings, and "all" is its all-linear."""
+    config: dict[str, Any] = {
+        "model_name_or_path": model_id,
+        "finetuning_type": "lora",
+        "lora_rank": settings.r,
+        "lora_alpha": _num(settings.lora_alpha),
+        "lora_dropout": _num(settings.lora_dropout),
+        "lora_target": "all" if targets == ALL_LINEAR else ",".join(targets),
+    }
     if settings.use_rslora:
-        lines.append("use_rslora: true")
+        config["use_rslora"] = True
     if settings.use_dora:
-        lines.append("use_dora: true")
+        config["use_dora"] = True
     if settings.modules_to_save:
-        lines.append(f"additional_target: {','.join(settings.modules_to_save)}")
-    return "\n".join(lines) + "\n"
+        config["additional_target"] = ",".join(settings.modules_to_save)
+    return config
+
+
+def _yaml(config: dict[str, Any]) -> str:
+    """YAML that `yaml.safe_load` reads back as `config`: PyYAML quotes every value that would
+    otherwise read as another type or break the line (`yes`, `null`, `1e3`, `a: b`, `# c`)."""
+    import yaml
+
+    class IndentedDumper(yaml.SafeDumper):
+        """Lists indented under their key (`  - q_proj`), as the tools' own example configs are."""
+
+        def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+            return super().increase_indent(flow, False)
+
+    return yaml.dump(
+        config, Dumper=IndentedDumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=1 << 16
+    )
 
 
 def _python(settings: LoraSettings, inv: Inventory) -> str:
@@ -163,5 +176,6 @@ def _python(settings: LoraSettings, inv: Inventory) -> str:
     )
 
 
-def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+def _num(value: float) -> int | float:
+    """A whole number as an int (`lora_alpha: 32`, as the tools' own examples write it)."""
+    return int(value) if float(value).is_integer() else float(value)

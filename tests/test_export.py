@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from peft import LoraConfig
 from peft_reference import peft_counts
 
 from lora_core import LoraSettings, LoraSettingsError, catalogue_ids, count_lora_params
-from lora_core.export import FORMATS, export, import_config
-from lora_core.models import inventory, resolve_model
+from lora_core.export import FORMATS, _yaml, axolotl_config, export, import_config, llamafactory_config
+from lora_core.models import CATALOGUE_DIR, inventory, resolve_model, spec_from_text
 from lora_core.strategies import resolve_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +87,70 @@ def test_yaml_for_all_linear_and_regex() -> None:
     assert "lora_target: all" in export(all_linear, "facebook/opt-125m", "llamafactory")
     regex = LoraSettings(r=8, target_modules=r".*\.(q_proj|v_proj)")
     assert "lora_target: q_proj,v_proj" in export(regex, "facebook/opt-125m", "llamafactory")
+
+
+def _loaded(settings: LoraSettings, model, fmt: str) -> dict:
+    return yaml.safe_load(export(settings, model, fmt))
+
+
+def test_yaml_exports_load_back_as_the_intended_mapping() -> None:
+    settings = LoraSettings(
+        r=16,
+        lora_alpha=8.5,
+        lora_dropout=0.05,
+        target_modules=("q_proj", "v_proj"),
+        use_rslora=True,
+        use_dora=True,
+        modules_to_save=("lm_head",),
+        layers_to_transform=(0, 3),
+    )
+    assert _loaded(settings, "meta-llama/Llama-2-7b-hf", "axolotl") == {
+        "base_model": "meta-llama/Llama-2-7b-hf",
+        "adapter": "lora",
+        "lora_r": 16,
+        "lora_alpha": 8.5,
+        "lora_dropout": 0.05,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "peft_use_rslora": True,
+        "peft_use_dora": True,
+        "lora_modules_to_save": ["lm_head"],
+        "peft_layers_to_transform": [0, 3],
+    }
+    assert _loaded(settings, "meta-llama/Llama-2-7b-hf", "llamafactory") == {
+        "model_name_or_path": "meta-llama/Llama-2-7b-hf",
+        "finetuning_type": "lora",
+        "lora_rank": 16,
+        "lora_alpha": 8.5,
+        "lora_dropout": 0.05,
+        "lora_target": "q_proj,v_proj",
+        "use_rslora": True,
+        "use_dora": True,
+        "additional_target": "lm_head",
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["yes", "null", "1e3", "0x1F", "~", "a: b", "q_proj # c", "- item", "[x]", "{y}", "'quoted'", "ü-名"]
+)
+def test_yaml_exports_quote_awkward_names(name: str) -> None:
+    """Names that YAML would read as booleans, nulls, numbers, mappings, comments or flow lists
+    come back as the same strings: the f-string YAML this replaced wrote `base_model: yes`, which
+    Axolotl reads as True."""
+    settings = LoraSettings(r=8, target_modules=("q_proj",), modules_to_save=(name,))
+    targets = [name, "v_proj"]
+    for build, fmt in ((axolotl_config, "axolotl"), (llamafactory_config, "llamafactory")):
+        config = build(settings, name, targets)
+        assert yaml.safe_load(_yaml(config)) == config
+        assert len(_yaml(config).splitlines()) == len(config) + (len(targets) + 1 if fmt == "axolotl" else 0)
+    model = inventory(spec_from_text((CATALOGUE_DIR / "facebook__opt-125m.json").read_text(), name, "local"))
+    loaded = _loaded(LoraSettings(r=8, target_modules=("q_proj",)), model, "axolotl")
+    assert loaded["base_model"] == name and loaded["lora_target_modules"] == ["q_proj"]
+
+
+def test_yaml_exports_of_a_regex_list_the_matched_names() -> None:
+    regex = LoraSettings(r=8, target_modules=r".*\.(q_proj|v_proj|fc\d)$")
+    assert _loaded(regex, "facebook/opt-125m", "axolotl")["lora_target_modules"] == ["fc1", "fc2", "q_proj", "v_proj"]
+    assert _loaded(regex, "facebook/opt-125m", "llamafactory")["lora_target"] == "fc1,fc2,q_proj,v_proj"
 
 
 def test_export_refuses_settings_the_model_does_not_accept() -> None:
