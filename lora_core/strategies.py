@@ -162,7 +162,8 @@ SEARCH_SPACES: dict[str, dict] = {
         "dropouts": (0.0, 0.05, 0.1),
     },
 }
-_TARGET_SET_STRATEGY = {ATTENTION_QV: "Q,V", ATTENTION_QKVO: "All attention"}
+# Keyed by set: `LoraSettings` sorts `target_modules`, so the article's order never reaches the lookup.
+_TARGET_SET_STRATEGY = {frozenset(ATTENTION_QV): "Q,V", frozenset(ATTENTION_QKVO): "All attention"}
 
 
 def search_space(priority: str) -> list[LoraSettings]:
@@ -186,7 +187,7 @@ def adapt_to_model(settings: LoraSettings, inv: Inventory) -> tuple[LoraSettings
     leaves = {n.rsplit(".", 1)[-1] for n in inv.modules["name"]}
     if set(targets) <= leaves:
         return settings, ""
-    strategy = _TARGET_SET_STRATEGY.get(targets)
+    strategy = _TARGET_SET_STRATEGY.get(frozenset(targets))
     if strategy is None:
         roles = tuple(_LLAMA_ROLES[t] for t in targets if t in _LLAMA_ROLES)
         mapped = resolve_roles(inv, roles)

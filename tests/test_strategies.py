@@ -119,3 +119,24 @@ def test_compare_strategies_table() -> None:
     assert list(table["strategy"]) == list(STRATEGIES)
     assert list(table["trainable_params"]) == [8_388_608, 16_777_216, 23_199_744, 39_976_960]
     assert table.loc[0, "size_16bit_mb"] == pytest.approx(8_388_608 * 2 / 1e6)
+
+
+@pytest.mark.parametrize(
+    ("model_id", "article_targets", "strategy"),
+    [
+        ("openai-community/gpt2", ("q_proj", "v_proj"), "Q,V"),
+        ("openai-community/gpt2", ("q_proj", "k_proj", "v_proj", "o_proj"), "All attention"),
+        ("facebook/opt-125m", ("q_proj", "k_proj", "v_proj", "o_proj"), "All attention"),
+    ],
+)
+def test_article_target_sets_map_to_the_strategy_they_stand_for(model_id: str, article_targets, strategy) -> None:
+    """The article's Llama target sets on a model without those names become the named strategy,
+    whatever order the set was written in (LoraSettings sorts `target_modules`)."""
+    inv = inventory(resolve_model(model_id))
+    entries = [s for s in search_space("balanced") if set(s.target_modules) == set(article_targets)]
+    assert len(entries) == 18
+    expected = resolve_strategy(inv, strategy)
+    for settings in entries:
+        adapted, note = adapt_to_model(settings, inv)
+        assert note == f"{', '.join(settings.target_modules)} mapped to {strategy} on {model_id}"
+        assert adapted == expected.apply(settings)
