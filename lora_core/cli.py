@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lora_core import options
 from lora_core.errors import InputError, one_line
@@ -32,8 +33,21 @@ class _BadInput(Exception):
     pass
 
 
+def run() -> NoReturn:
+    """The `lora-explorer` console script and `python -m lora_core`: `main`, then exit with its code."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`... | head`): say nothing more; Python's own flush at exit would
+        # raise again on the closed pipe, so stdout points at /dev/null from here on.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit code."""
+    """Parse `argv` (default: the process's arguments), run the command; returns the exit code."""
     for stream in (sys.stdout, sys.stderr):  # a path with undecodable bytes prints escaped, not as a traceback
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")

@@ -56,9 +56,7 @@ class RunManager:
             str(os.getpid()),
             str(self._ready_file),
         ]
-        self._process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": _pythonpath()}
-        )
+        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
 
     def wait_ready(self, timeout: float = 120) -> bool:
         """Block until the worker has its imports done (it then starts a run at once)."""
@@ -131,12 +129,6 @@ class RunManager:
             self._process.wait(timeout=10)
         if self._process.poll() is None:
             self._process.kill()
-
-
-def _pythonpath() -> str:
-    root = str(Path(__file__).resolve().parents[1])
-    existing = os.environ.get("PYTHONPATH")
-    return f"{root}{os.pathsep}{existing}" if existing else root
 
 
 def worker_main(data_dir: str, parent_pid: int, ready_file: str) -> None:
