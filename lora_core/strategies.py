@@ -12,13 +12,18 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from lora_core.errors import InputError
 from lora_core.models import Inventory
+from lora_core.options import DTYPE_BYTES
 from lora_core.roles import ATTENTION_ROLES, MLP_ROLES
 from lora_core.settings import ALL_LINEAR, LoraSettings
+
+if TYPE_CHECKING:
+    from lora_core.counting import CountResult
 
 STRATEGIES: dict[str, tuple[str, ...] | str] = {
     "Q,V": ("attn_q", "attn_v"),
@@ -73,6 +78,18 @@ def resolve_strategy(inv: Inventory, strategy: str) -> StrategyTargets:
     if target_parameters:
         note = (note + "; " if note else "") + "fused MoE experts are reached through `target_parameters`"
     return StrategyTargets(strategy, minimal_targets(chosen, modules["name"].tolist()), target_parameters, note)
+
+
+def settings_on_model(settings: LoraSettings, strategy: str | None, inv: Inventory) -> tuple[LoraSettings, str]:
+    """`settings` with `strategy`'s targets in `inv`'s own module names, and the strategy's note on
+    this model ("" when none). `strategy` None keeps the settings' own `target_modules` (a custom
+    list, taken as written); every other field is kept as it is.
+
+    Raises `StrategyError` when the strategy is unknown or has no modules on this model."""
+    if strategy is None:
+        return settings, ""
+    targets = resolve_strategy(inv, strategy)
+    return targets.apply(settings), targets.note
 
 
 def minimal_targets(chosen: list[str], all_names: list[str]) -> tuple[str, ...] | str:
@@ -194,8 +211,8 @@ def adapt_to_model(settings: LoraSettings, inv: Inventory) -> tuple[LoraSettings
         return settings.replace(
             target_modules=mapped
         ), f"{', '.join(targets)} mapped by role to {inv.spec.model_id}'s names"
-    resolved = resolve_strategy(inv, strategy)
-    return resolved.apply(settings), f"{', '.join(targets)} mapped to {strategy} on {inv.spec.model_id}"
+    mapped, _ = settings_on_model(settings, strategy, inv)
+    return mapped, f"{', '.join(targets)} mapped to {strategy} on {inv.spec.model_id}"
 
 
 _LLAMA_ROLES = {
@@ -236,34 +253,36 @@ def compare_strategies(
     base = (base or LoraSettings()).replace(r=r, lora_alpha=r if lora_alpha is None else lora_alpha)
     rows = []
     for strategy in STRATEGIES:
-        row: dict = {"strategy": strategy}
         try:
-            targets = resolve_strategy(inv, strategy)
-            result = count_lora_params(inv, targets.apply(base))
+            settings, note = settings_on_model(base, strategy, inv)
+            result = count_lora_params(inv, settings)
         except InputError as error:  # a strategy this model cannot take: its row says why
-            rows.append({**row, "error": str(error)})
+            rows.append({"strategy": strategy, "error": str(error)})
             continue
-        by_role = result.modules.groupby("role")["params"].sum()
-        rows.append(
-            {
-                **row,
-                "targets": describe_targets(targets.target_modules, targets.target_parameters),
-                "modules": len(result.modules),
-                "trainable_params": result.trainable_params,
-                "percent": result.percent_trainable,
-                "size_fp32_mb": result.trainable_params * 4 / 1e6,
-                "size_16bit_mb": result.trainable_params * 2 / 1e6,
-                **{f"role:{role}": int(v) for role, v in by_role.items()},
-                "note": targets.note,
-                "error": "",
-            }
-        )
+        rows.append(strategy_row(strategy, settings, result, note))
     table = pd.DataFrame(rows)
     role_columns = [c for c in table.columns if c.startswith("role:")]
     table[role_columns] = table[role_columns].fillna(0).astype("int64")
     for column in ("targets", "note", "error"):
         table[column] = table.get(column, pd.Series(dtype=object)).fillna("")
     return table
+
+
+def strategy_row(strategy: str, settings: LoraSettings, result: CountResult, note: str = "") -> dict:
+    """One row of `compare_strategies`: `settings` (named `strategy`) counted as `result`."""
+    by_role = result.modules.groupby("role")["params"].sum()
+    return {
+        "strategy": strategy,
+        "targets": describe_targets(settings.target_modules, settings.target_parameters),
+        "modules": len(result.modules),
+        "trainable_params": result.trainable_params,
+        "percent": result.percent_trainable,
+        "size_fp32_mb": result.trainable_params * DTYPE_BYTES["fp32"] / 1e6,
+        "size_16bit_mb": result.trainable_params * DTYPE_BYTES["bf16"] / 1e6,
+        **{f"role:{role}": int(v) for role, v in by_role.items()},
+        "note": note,
+        "error": "",
+    }
 
 
 def count_search_space(model, priority: str = "balanced") -> pd.DataFrame:

@@ -16,6 +16,7 @@ from lora_core.strategies import (
     minimal_targets,
     resolve_strategy,
     search_space,
+    settings_on_model,
 )
 
 EXPECTED_ROLES = {
@@ -119,6 +120,7 @@ def test_compare_strategies_table() -> None:
     assert list(table["strategy"]) == list(STRATEGIES)
     assert list(table["trainable_params"]) == [8_388_608, 16_777_216, 23_199_744, 39_976_960]
     assert table.loc[0, "size_16bit_mb"] == pytest.approx(8_388_608 * 2 / 1e6)
+    assert table.loc[0, "size_fp32_mb"] == pytest.approx(8_388_608 * 4 / 1e6)
 
 
 @pytest.mark.parametrize(
@@ -140,3 +142,26 @@ def test_article_target_sets_map_to_the_strategy_they_stand_for(model_id: str, a
         adapted, note = adapt_to_model(settings, inv)
         assert note == f"{', '.join(settings.target_modules)} mapped to {strategy} on {model_id}"
         assert adapted == expected.apply(settings)
+
+
+def test_settings_on_model_changes_only_the_targets() -> None:
+    """Settings carried to another model: a strategy takes that model's own names (GPT-2's fused
+    `c_attn` for Q,V, as PEFT counts it), every other field stays; no strategy keeps the targets."""
+    settings = LoraSettings(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        use_rslora=True,
+        bias="lora_only",
+        target_modules=("q_proj", "v_proj"),
+        rank_pattern={"h.0.attn.c_attn": 4},
+        alpha_pattern={"h.1.attn.c_attn": 4},
+    )
+    gpt2 = inventory(resolve_model("openai-community/gpt2"))
+    mapped, note = settings_on_model(settings, "Q,V", gpt2)
+    assert mapped == settings.replace(target_modules=("c_attn",))
+    assert "fused" in note
+    assert count_lora_params(gpt2, mapped).trainable_params == peft_counts("openai-community/gpt2", mapped)[0]
+    assert settings_on_model(settings, None, gpt2) == (settings, "")
+    with pytest.raises(StrategyError, match="unknown strategy"):
+        settings_on_model(settings, "Everything", gpt2)
