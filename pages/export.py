@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 import streamlit as st
 
 from lora_core.errors import InputError, one_line
-from lora_core.export import FILE_NAMES, export, import_config
+from lora_core.export import FILE_NAMES, FORMATS, export, import_config
 from pages.common import file_upload, page_state, read_upload, request_apply, show_count, sidebar_changes
 
 LABELS = {
@@ -15,7 +17,8 @@ LABELS = {
     "llamafactory": "LLaMA-Factory YAML",
     "python": "Python (LoraConfig + get_peft_model)",
 }
-LANGUAGES = {"peft": "json", "json": "json", "axolotl": "yaml", "llamafactory": "yaml", "python": "python"}
+# The code block's highlighting, by the suffix of the format's file name.
+LANGUAGES = {".json": "json", ".yaml": "yaml", ".py": "python"}
 
 
 def read_import(data: bytes):
@@ -46,11 +49,11 @@ st.write(
 )
 show_count(state)
 if not state.error:  # nothing to export; importing other settings stays possible
-    tabs = st.tabs(list(LABELS.values()))
-    for tab, fmt in zip(tabs, LABELS):
+    tabs = st.tabs([LABELS[fmt] for fmt in FORMATS])
+    for tab, fmt in zip(tabs, FORMATS):
         with tab:
             text = export(state.settings, state.inventory, fmt)
-            st.code(text, language=LANGUAGES[fmt])
+            st.code(text, language=LANGUAGES[PurePosixPath(FILE_NAMES[fmt]).suffix])
             st.download_button(
                 f"Download {FILE_NAMES[fmt]}",
                 text,

@@ -17,9 +17,9 @@ from lora_core.adapters import adapter_zip, effective_ranks
 from lora_core.datasets import BUILTIN_TASKS, hub_dataset_id, parse_upload
 from lora_core.errors import InputError
 from lora_core.models import local_model_roots
-from lora_core.strategies import STRATEGIES, resolve_strategy
+from lora_core.strategies import settings_on_model
 from lora_core.training import EMBEDDED, TrainConfig, memory_setup
-from pages.common import Upload, file_upload, page_state, read_upload, run_manager
+from pages.common import Upload, file_upload, page_state, read_upload, run_manager, sidebar_strategy
 
 EMBEDDED_CONFIG = "HuggingFaceTB/SmolLM2-135M"  # same architecture and shapes as the embedded Instruct model
 UPLOAD, HUB = "Upload JSONL/CSV", "Hub dataset id"
@@ -37,16 +37,16 @@ st.write(
 
 def training_settings(model_choice: str) -> tuple[lora_core.LoraSettings, str]:
     """The sidebar's settings with the strategy mapped onto the training model's module names."""
-    settings = state.settings
-    strategy = st.session_state["lx_strategy"]
+    strategy = sidebar_strategy()
+    if strategy is None:
+        return state.settings, ""
     spec_name = EMBEDDED_CONFIG if model_choice == EMBEDDED else model_choice
-    if strategy not in STRATEGIES:
-        return settings, ""
     try:
         inv = lora_core.inventory(lora_core.resolve_model(spec_name, local_roots=local_model_roots()))
-        return resolve_strategy(inv, strategy).apply(settings), f"{strategy} on {spec_name}"
+        settings, _ = settings_on_model(state.settings, strategy, inv)
     except InputError as error:
-        return settings, f"could not map {strategy} onto {spec_name}: {error}"
+        return state.settings, f"could not map {strategy} onto {spec_name}: {error}"
+    return settings, f"{strategy} on {spec_name}"
 
 
 def training_model(source: str, text: str) -> str:

@@ -10,8 +10,8 @@ from lora_core.counting import rank_curve
 from lora_core.errors import InputError
 from lora_core.guidelines import RANK_BANDS, rank_band
 from lora_core.simulate import reconstruction_error, simulate_rank_sweep
-from lora_core.strategies import STRATEGIES, resolve_strategy
-from pages.common import add_markers, page_state, rank_sweep_device, show_count, vband, vline
+from lora_core.strategies import settings_on_model
+from pages.common import add_markers, page_state, rank_sweep_device, show_count, sidebar_strategy, vband, vline
 
 RANKS = list(range(1, 257))
 SIM_RANK_CHOICES = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
@@ -28,11 +28,13 @@ def cached_reconstruction(d: int, true_rank: int, max_rank: int):
 
 
 def on_model(state, inv):
-    """The current settings with the sidebar's strategy resolved on another model's names."""
-    strategy = st.session_state["lx_strategy"]
-    if strategy in STRATEGIES:
-        return resolve_strategy(inv, strategy).apply(state.settings.replace(rank_pattern={}, alpha_pattern={}))
-    return state.settings
+    """The current settings on another model: the sidebar's strategy in that model's names, without
+    the layer-specific patterns, which name this model's modules. Custom targets stay as written."""
+    strategy = sidebar_strategy()
+    if strategy is None:
+        return state.settings
+    settings, _ = settings_on_model(state.settings.replace(rank_pattern={}, alpha_pattern={}), strategy, inv)
+    return settings
 
 
 state = page_state()

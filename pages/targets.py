@@ -9,10 +9,8 @@ import streamlit as st
 import lora_core
 from lora_core.counting import matched_module_names
 from lora_core.errors import InputError
-from lora_core.strategies import compare_strategies, describe_targets
-from pages.common import CUSTOM, page_state, request_apply, show_count
-
-BYTES = {"fp32": 4, "fp16/bf16": 2}
+from lora_core.strategies import compare_strategies, strategy_row
+from pages.common import page_state, request_apply, show_count, sidebar_strategy
 
 
 def human_layers(layers) -> str:
@@ -42,19 +40,8 @@ table = compare_strategies(
     settings.lora_alpha,
     settings.replace(rank_pattern={}, alpha_pattern={}, layers_to_transform=None),
 )
-if st.session_state["lx_strategy"] == CUSTOM and state.result is not None:
-    custom = {
-        "strategy": "Custom (sidebar)",
-        "targets": describe_targets(settings.target_modules, settings.target_parameters),
-        "modules": len(state.result.modules),
-        "trainable_params": state.result.trainable_params,
-        "percent": state.result.percent_trainable,
-        "size_fp32_mb": state.result.trainable_params * 4 / 1e6,
-        "size_16bit_mb": state.result.trainable_params * 2 / 1e6,
-        **{f"role:{k}": int(v) for k, v in state.result.modules.groupby("role")["params"].sum().items()},
-        "note": "",
-        "error": "",
-    }
+if sidebar_strategy() is None and state.result is not None:
+    custom = strategy_row("Custom (sidebar)", settings, state.result)
     table = pd.concat([table, pd.DataFrame([custom])], ignore_index=True)
 role_columns = [c for c in table.columns if c.startswith("role:")]
 table[role_columns] = table[role_columns].fillna(0).astype("int64")

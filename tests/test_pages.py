@@ -11,6 +11,10 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from lora_core import resolve_model
+from lora_core.options import BIASES
+from pages.common import SIDEBAR_DEFAULTS, load_link, write_link
+
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PAGES = ["overview", "rank", "alpha", "targets", "dropout", "search", "memory", "export"]
 
@@ -205,6 +209,40 @@ def test_bad_link_parameters_fall_back_with_a_notice() -> None:
     notice = " ".join(w.value for w in at.sidebar.warning)
     assert "model=nobody/nothing" in notice and "r=abc" in notice and "dropout=7" in notice
     assert metric(at, "Trainable parameters") == "16,777,216"
+
+
+@pytest.mark.parametrize("bias", BIASES)
+def test_a_written_link_reads_back_to_the_same_settings(bias: str) -> None:
+    """What `write_link` puts in the URL, `load_link` takes back into a new session unchanged."""
+    spec = resolve_model("facebook/opt-125m")
+    accepted = SIDEBAR_DEFAULTS | {"lx_catalogue_choice": spec.model_id, "lx_r": 12, "lx_alpha": 0.1}
+    accepted |= {"lx_strategy": "Custom", "lx_custom_targets": "re:.*proj", "lx_rslora": True, "lx_bias": bias}
+    params: dict[str, str] = {}
+    write_link(params, {"lx_ok": accepted, "lx_spec": spec})
+    session: dict = {}
+    load_link(params, session)
+    assert session.pop("lx_spec") == spec
+    assert SIDEBAR_DEFAULTS | session == accepted
+
+
+@pytest.mark.parametrize("bias", BIASES)
+def test_the_bias_box_offers_the_engine_choices_and_a_link_sets_it(bias: str) -> None:
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.query_params.update({"bias": bias})
+    at.run()
+    assert not at.exception and not at.sidebar.warning
+    assert at.selectbox(key="lx_bias").options == list(BIASES)
+    assert at.selectbox(key="lx_bias").value == bias
+    assert at.session_state["lx_ok"]["lx_bias"] == bias
+
+
+def test_a_link_bias_the_engine_does_not_know_keeps_the_default() -> None:
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.query_params.update({"bias": "lora"})
+    at.run()
+    assert not at.exception
+    assert "bias=lora" in " ".join(w.value for w in at.sidebar.warning)
+    assert at.selectbox(key="lx_bias").value == "none"
 
 
 # --- hostile input: each defect below was a traceback or a silent change before the fix ---------
