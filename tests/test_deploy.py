@@ -28,3 +28,22 @@ def test_ci_starts_from_empty_caches() -> None:
     script = (ROOT / ".ci" / "run").read_text()
     for variable in ("XDG_CACHE_HOME", "XDG_DATA_HOME", "LORA_EXPLORER_CACHE", "LORA_EXPLORER_DATA", "HF_HOME"):
         assert re.search(rf"export {variable}=", script), variable
+
+
+def test_the_package_declares_its_command_data_and_pins() -> None:
+    """`pip install .` (checked by hand in a fresh venv: `lora-explorer count ...` works) relies on
+    these three declarations; a renamed entry point or a catalogue outside the package data would
+    only show up on a user's machine."""
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    module, _, function = project["project"]["scripts"]["lora-explorer"].partition(":")
+    assert callable(getattr(importlib.import_module(module), function))
+    setuptools = project["tool"]["setuptools"]
+    assert setuptools["dynamic"]["dependencies"] == {"file": ["requirements.txt"]}
+    shipped = {
+        path for pattern in setuptools["package-data"]["lora_core"] for path in (ROOT / "lora_core").glob(pattern)
+    }
+    assert set((ROOT / "lora_core" / "catalogue").glob("*.json")) <= shipped
+    assert len(shipped) >= 20
