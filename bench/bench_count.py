@@ -24,7 +24,6 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODEL = "meta-llama/Llama-3.1-70B-Instruct"
@@ -86,7 +85,7 @@ def repeated_counts() -> list[float]:
 def peak_rss_subprocess() -> float:
     """Peak RSS (MB) of a fresh process that imports the engine and counts Llama-3.1-70B."""
     code = (
-        f"import resource, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+        "import resource\n"
         "from lora_core import LoraSettings, count_lora_params\n"
         "from lora_core.strategies import count_search_space\n"
         f"count_lora_params({MODEL!r}, LoraSettings(r=16, target_modules='all-linear'))\n"

@@ -8,19 +8,18 @@ Measured with streamlit's AppTest, which also serialises every element and rebui
 the figures are an upper bound of the server's script time. Reference in the same run: the same
 harness rerunning a bare one-slider script (the harness's own floor), and the 300 ms budget.
 
-Run: `.venv/bin/python bench/bench_rerun.py [--model meta-llama/Llama-3.1-70B-Instruct]`.
+Run from the repository root, as a module (it drives the app's pages and the tests' AppTest setup):
+`.venv/bin/python -m bench.bench_rerun [--model meta-llama/Llama-3.1-70B-Instruct]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
 

@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_core.simulate import article_rank_loop, device_description, simulate_dropout, simulate_rank_sweep
 
