@@ -101,7 +101,7 @@ def test_module_entry_point_runs_as_a_process() -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
         timeout=120,
     )
     assert proc.returncode == 2

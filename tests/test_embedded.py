@@ -29,7 +29,7 @@ def test_conversion_runs_in_a_child_and_leaves_the_caller_small(tmp_path) -> Non
     converts, the other waits on the lock), and neither keeps the conversion's heap. Converting
     in the caller left ~890 MB resident after it finished (measured: VmRSS 889 MB, against 111 MB
     when a child converts); a training run started there counted it in its peak."""
-    env = {**os.environ, "LORA_EXPLORER_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "LORA_EXPLORER_CACHE": str(tmp_path / "cache")}
     callers = [
         subprocess.Popen(
             [sys.executable, "-c", _CALLER],

@@ -1022,7 +1022,7 @@ def test_cli_into_a_closed_pipe_prints_no_traceback(cut) -> None:
     of (100: the 160 kB JSON outgrows the 64 kB pipe buffer) the output."""
     model = "meta-llama/Llama-2-70b-hf"
     command = [sys.executable, "-m", "lora_core", "count", "--model", model, "--targets", "all-linear", "--json"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env) as process:
         process.stdout.read(cut)
         process.stdout.close()

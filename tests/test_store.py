@@ -41,7 +41,7 @@ def spawn_owner(data_dir: Path, status: str = "running", owner: str = "") -> tup
     proc = subprocess.Popen(
         [sys.executable, "-c", OWNER_SCRIPT, str(data_dir), status, owner],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ},
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -270,7 +270,7 @@ def test_processes_opening_a_new_store_at_the_same_moment_all_record_their_run(t
         subprocess.Popen(
             [sys.executable, "-c", OPENER_SCRIPT, str(tmp_path), ",".join(map(str, reads))],
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ},
             stdout=subprocess.PIPE,
             text=True,
             pass_fds=reads,
