@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from lora_core import options
 from lora_core.errors import InputError, one_line
@@ -25,7 +26,7 @@ _MAX_LORA_FILE_BYTES = 1_000_000
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + message
+    def error(self, message: str) -> NoReturn:  # one line, not usage + message
         raise _BadInput(f"{self.prog}: {message}")
 
 
@@ -49,8 +50,9 @@ def run() -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (default: the process's arguments), run the command; returns the exit code."""
     for stream in (sys.stdout, sys.stderr):  # a path with undecodable bytes prints escaped, not as a traceback
-        with contextlib.suppress(AttributeError, ValueError):
-            stream.reconfigure(errors="backslashreplace")
+        if isinstance(stream, io.TextIOWrapper):
+            with contextlib.suppress(ValueError):
+                stream.reconfigure(errors="backslashreplace")
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
@@ -372,7 +374,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import threading
 
-    from lora_core.store import CLI, NullStore
+    from lora_core.store import CLI, NullStore, Store
     from lora_core.training import TrainConfig, preflight, process_rank, run_training
 
     settings = _lora_file_or_default(args)
@@ -389,7 +391,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     preflight(config, settings)  # bad input exits 2 here, before a run exists
     # Under `accelerate launch` on several GPUs every rank trains; only rank 0 writes the run.
     primary = process_rank() == 0
-    store = _open_store(args.out) if primary else NullStore()
+    # NullStore answers every Store method as an empty store would (tests/test_store.py checks).
+    store = _open_store(args.out) if primary else cast(Store, NullStore())
     label = args.name or f"cli r={settings.r}"
     run_id = store.create_run(label, config.model, config.dataset, settings.to_peft_dict(), vars(config), owner=CLI)
     stop = threading.Event()

@@ -13,6 +13,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lora_core.errors import InputError, short_repr
 
@@ -174,7 +175,7 @@ def rows_to_examples(rows: list[dict], source: str) -> list[Example]:
     return examples
 
 
-def _instruction(row: dict) -> str:
+def _instruction(row: dict) -> Any:
     instruction, extra = row.get("instruction"), row.get("input")
     if not isinstance(instruction, str):
         return instruction  # refused as non-text by the caller

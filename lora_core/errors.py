@@ -6,6 +6,8 @@ Every message is one line that says what to change. Callers (the CLI, the pages)
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 
 class InputError(ValueError):
     """Bad input (a field, a file, a flag, a link value); `str(error)` is one line saying what to fix.
@@ -36,7 +38,7 @@ def short_repr(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     """An int that is not a bool (JSON and widgets hand over `True` where a count was meant)."""
     return isinstance(value, int) and not isinstance(value, bool)
 

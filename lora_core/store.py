@@ -205,8 +205,9 @@ class Store:
         return db
 
     def _write(self, sql: str, params: tuple = ()) -> int:
+        """Run one statement in its own transaction; returns the new row's id for an INSERT (0 otherwise)."""
         with closing(self._connect()) as db, db:
-            return db.execute(sql, params).lastrowid
+            return db.execute(sql, params).lastrowid or 0
 
     def create_run(self, name: str, model: str, dataset: str, settings: dict, config: dict, owner: str = WORKER) -> int:
         """A new `queued` run owned, until someone claims it, by this process; returns its id.
