@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import re
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from lora_core.settings import lora_scale
 
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
 
@@ -64,12 +65,13 @@ def effective_ranks(adapter_dir: str | Path, energy: float = 0.9) -> tuple[pd.Da
 
 
 def _scale(config: dict, module: str, rank: int) -> float:
-    alpha = config.get("lora_alpha", 8)
-    for key, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            alpha = value
-            break
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    """The scale PEFT gives `module` under the adapter_config.json dict `config`: its alpha is the
+    first `alpha_pattern` key PEFT's `get_pattern_key` matches, else `lora_alpha`."""
+    from peft.utils.other import get_pattern_key
+
+    patterns = config.get("alpha_pattern") or {}
+    alpha = patterns.get(get_pattern_key(list(patterns), module), config.get("lora_alpha", 8))
+    return lora_scale(rank, alpha, bool(config.get("use_rslora")))
 
 
 def _rank_measures(singular: np.ndarray, energy: float) -> dict:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +27,10 @@ import pandas as pd
 
 from lora_core.errors import short_repr
 from lora_core.models import Inventory, ModelSpec, as_inventory, inventory, meta_model
-from lora_core.settings import ALL_LINEAR, LoraSettings, LoraSettingsError
+from lora_core.settings import ALL_LINEAR, LoraSettings, LoraSettingsError, lora_scale
+
+# The package's public name for the scale (lora_core.effective_scale).
+effective_scale = lora_scale
 
 SUPPORTED_KINDS = ("linear", "conv1d", "embedding", "conv")
 # PEFT's PeftModelFor* classes add their heads to `modules_to_save`.
@@ -159,7 +161,7 @@ def _tally(inv: Inventory, settings: LoraSettings, plan: _Plan) -> CountResult:
         params = params + np.where(kind != "param", fan_out, 0)  # the magnitude vector
     if settings.lora_bias:
         params = params + np.where(kind != "embedding", fan_out, 0)  # lora_B's bias
-    scale = alpha / (np.sqrt(rank) if settings.use_rslora else rank)
+    scale = lora_scale(rank, alpha, settings.use_rslora)
 
     lora = int(params.sum())
     bias = _trainable_bias(inv, settings, a)
@@ -449,11 +451,6 @@ def matched_module_names(model: str | ModelSpec | Inventory, settings: LoraSetti
 
 def _show(target: Any) -> str:
     return short_repr(list(target) if isinstance(target, tuple) else target, 200)
-
-
-def effective_scale(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
-    """`lora_alpha / r` (Hu et al. 2021), or `lora_alpha / sqrt(r)` with rsLoRA (Kalajdzievski 2023)."""
-    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 def rank_curve(model: str | ModelSpec | Inventory, settings: LoraSettings, ranks) -> pd.DataFrame:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
-from lora_core.settings import LoraSettings
+from lora_core.settings import LoraSettings, lora_scale, scale_formula
 
 # Article, "Empirical Guidelines for Rank Selection".
 RANK_BANDS: tuple[tuple[int, int, str], ...] = (
@@ -30,7 +28,7 @@ def alpha_advice(settings: LoraSettings) -> str | None:
     """A warning when the effective scale (alpha/r, or alpha/sqrt(r) with rsLoRA) is unusual, else None."""
     scale = settings.scaling()
     low, high = UNUSUAL_SCALE_RANGE
-    kind = "alpha/sqrt(r)" if settings.use_rslora else "alpha/r"
+    kind = scale_formula(settings.use_rslora)
     if scale > high:
         return (
             f"{kind} = {scale:.2f} is unusually high: the LoRA branch outweighs its usual size; "
@@ -55,6 +53,5 @@ def dropout_advice(r: int, dropout: float) -> str | None:
     return None
 
 
-def scale_of(r: int, alpha: float, use_rslora: bool = False) -> float:
-    """alpha/r or alpha/sqrt(r)."""
-    return alpha / (math.sqrt(r) if use_rslora else r)
+# The Alpha page's name for `settings.lora_scale`.
+scale_of = lora_scale

@@ -13,9 +13,14 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
 
 from lora_core.errors import InputError, one_line, short_repr
+
+if TYPE_CHECKING:
+    import torch
 
 ALL_LINEAR = "all-linear"
 # Beyond any useful rank (the widest real layers are ~16k-54k wide): keeps every count inside int64.
@@ -122,11 +127,8 @@ class LoraSettings:
         return dataclasses.replace(self, **changes)
 
     def scaling(self, r: int | None = None, alpha: float | None = None) -> float:
-        """Effective scale of the LoRA branch: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA
-        (Kalajdzievski 2023; PEFT `LoraLayer.update_layer`)."""
-        r = self.r if r is None else r
-        alpha = self.lora_alpha if alpha is None else alpha
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        """`lora_scale` of these settings, or of rank `r` / alpha `alpha` where given."""
+        return lora_scale(self.r if r is None else r, self.lora_alpha if alpha is None else alpha, self.use_rslora)
 
     def problems(self) -> list[str]:
         """Problems that need no model: the checks PEFT lacks or makes only deep inside `get_peft_model`.
@@ -259,6 +261,25 @@ class LoraSettings:
     def from_peft_config(cls, config) -> LoraSettings:
         """Settings from a `peft.LoraConfig`."""
         return cls.from_peft_dict(config.to_dict())
+
+
+def lora_scale(
+    r: int | np.ndarray, lora_alpha: float | np.ndarray | torch.Tensor, use_rslora: bool = False
+) -> float | np.ndarray | torch.Tensor:
+    """The factor PEFT's `LoraLayer.update_layer` puts on the LoRA branch: `lora_alpha / r` (Hu et al.
+    2021), or `lora_alpha / math.sqrt(r)` with rsLoRA (Kalajdzievski 2023).
+
+    `r` is an int or a numpy array of ranks, `lora_alpha` a number, a numpy array or a torch tensor;
+    arrays go elementwise. In float64 every form is PEFT's value to the bit: a square root is
+    correctly rounded in `math` and numpy alike (`r ** 0.5` goes through `pow`, which is not)."""
+    if not use_rslora:
+        return lora_alpha / r
+    return lora_alpha / (np.sqrt(r) if isinstance(r, np.ndarray) else math.sqrt(r))
+
+
+def scale_formula(use_rslora: bool) -> str:
+    """`lora_scale`'s formula as users read it."""
+    return "alpha/sqrt(r)" if use_rslora else "alpha/r"
 
 
 def parse_targets(text: str) -> tuple[str, ...] | str:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from lora_core.devices import pick_device
+from lora_core.settings import lora_scale
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -351,7 +352,7 @@ def alpha_output_stats(
     x = torch.randn(num_samples, d_in, generator=generator)
     w, a, b, x = (t.to(device) for t in (w, a, b, x))
     alphas_t = torch.tensor([float(al) for al in alphas], device=device)
-    scales = alphas_t / (math.sqrt(rank) if use_rslora else rank)  # (n_alpha,)
+    scales = lora_scale(rank, alphas_t, use_rslora)  # (n_alpha,)
     original = x @ w.T  # (n, d_out)
     branch = (x @ a.T) @ b.T  # (n, d_out)
     lora = scales[:, None, None] * branch  # (n_alpha, n, d_out)
@@ -372,9 +373,7 @@ def alpha_output_stats(
 def scale_grid(alphas: Sequence[float], ranks: Sequence[int], use_rslora: bool = False) -> pd.DataFrame:
     """Effective scale alpha/r (or alpha/sqrt(r) with rsLoRA) over alpha x rank (article Out[9])."""
     rows = [
-        {"alpha": float(al), "rank": int(r), "scale": al / (math.sqrt(r) if use_rslora else r)}
-        for al in alphas
-        for r in ranks
+        {"alpha": float(al), "rank": int(r), "scale": lora_scale(r, al, use_rslora)} for al in alphas for r in ranks
     ]
     return pd.DataFrame(rows)
 

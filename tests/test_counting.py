@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 from peft_reference import peft_counts
 
 from lora_core import LoraSettings, LoraSettingsError, catalogue_ids, count_lora_params, inventory, resolve_model
 from lora_core.counting import matched_module_names
+from lora_core.models import build_meta_model
 from lora_core.strategies import resolve_strategy
 
 CASES = (
@@ -294,6 +298,71 @@ def test_default_targets_resolve_where_peft_would_refuse() -> None:
     assert set(result.modules["role"]) == {"attn_q", "attn_v"}
     llama = count_lora_params("meta-llama/Llama-2-7b-hf", LoraSettings(r=8))
     assert llama.trainable_params == peft_counts("meta-llama/Llama-2-7b-hf", LoraSettings(r=8))[0]
+
+
+def peft_scales(model_id: str, settings: LoraSettings) -> dict[str, float]:
+    """Each LoRA layer's `scaling` in real PEFT on the meta model, by the name the engine reports:
+    the module's, or for a ParamWrapper (nested under `base_layer` when one module has several
+    targeted parameters) its module's name and the parameter's."""
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    model = build_meta_model(resolve_model(model_id))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, copy.deepcopy(settings.to_peft_config()), low_cpu_mem_usage=True)
+    scales = {}
+    for name, module in peft_model.base_model.model.named_modules():
+        if isinstance(module, ParamWrapper):
+            name = f"{name.replace('.base_layer', '')}.{module.parameter_name}"
+        if isinstance(module, LoraLayer):
+            scales[name] = module.scaling["default"]
+    return scales
+
+
+@pytest.mark.parametrize(
+    ("model_id", "settings"),
+    [
+        (
+            "facebook/opt-125m",
+            LoraSettings(r=13, lora_alpha=9, target_modules=("q_proj", "fc1"), alpha_pattern={"fc1": 5.5}),
+        ),
+        (
+            "facebook/opt-125m",
+            LoraSettings(
+                r=13,
+                lora_alpha=9,
+                target_modules=("q_proj", "v_proj", "fc1"),
+                rank_pattern={"fc1": 5579},
+                use_rslora=True,
+            ),
+        ),
+        # PEFT's MoE conversion fuses gate and up projections at twice the rank and alpha, which
+        # changes the rsLoRA scale: 2 alpha / sqrt(2 r).
+        (
+            "mistralai/Mixtral-8x7B-v0.1",
+            LoraSettings(
+                r=16,
+                lora_alpha=32,
+                target_modules="all-linear",
+                use_rslora=True,
+                rank_pattern={"q_proj": 4},
+                alpha_pattern={"v_proj": 3},
+            ),
+        ),
+    ],
+)
+def test_each_module_scale_is_peft_s(model_id, settings) -> None:
+    modules = count_lora_params(model_id, settings).modules
+    ours = dict(zip(modules["name"], modules["scale"]))
+    theirs = peft_scales(model_id, settings)
+    differ = {
+        name: (ours.get(name), theirs.get(name))
+        for name in ours.keys() | theirs.keys()
+        if ours.get(name) != theirs.get(name)
+    }
+    print(f"{len(theirs)} PEFT layers, {len(differ)} scales differ")
+    assert not differ, list(differ.items())[:5]
 
 
 def test_matched_and_left_out_names() -> None:

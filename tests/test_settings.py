@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
+import torch
 from peft import LoraConfig
+from peft.tuners.lora import Linear as LoraLinear
 from peft_reference import peft_counts
 
 from lora_core import LoraSettings, LoraSettingsError, count_lora_params, unknown_keys
+from lora_core.settings import MAX_RANK, lora_scale
 
 
 def test_field_names_and_defaults_are_peft_s() -> None:
@@ -127,6 +132,34 @@ def test_to_peft_config_is_fresh_each_time() -> None:
 def test_scaling_follows_lora_and_rslora() -> None:
     assert LoraSettings(r=16, lora_alpha=32).scaling() == 2.0
     assert LoraSettings(r=16, lora_alpha=32, use_rslora=True).scaling() == 8.0
+
+
+def peft_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """The `scaling` PEFT's own `LoraLayer.update_layer` gives a LoRA Linear of rank `r`."""
+    config = LoraConfig(use_rslora=use_rslora, init_lora_weights=False)
+    with torch.device("meta"):
+        layer = LoraLinear(torch.nn.Linear(1, 1), "default", config=config, r=r, lora_alpha=lora_alpha)
+    return layer.scaling["default"]
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_lora_scale_is_peft_s_to_the_last_bit(use_rslora) -> None:
+    """Scalars, numpy arrays (counting's per-module column) and torch tensors (the alpha
+    simulation) all give PEFT's float. The ranks include every one up to MAX_RANK where Python's
+    `r ** 0.5` rounds differently from the `math.sqrt(r)` PEFT divides by (5579 is one)."""
+    pow_rounds_differently = [r for r in range(1, MAX_RANK + 1) if r**0.5 != math.sqrt(r)]
+    ranks = [*range(1, 65), *pow_rounds_differently, MAX_RANK]
+    alphas = (1, 3, 7.5, 0.1)
+    expected = np.array([[peft_scaling(r, alpha, use_rslora) for alpha in alphas] for r in ranks])
+    scalars = np.array([[lora_scale(r, alpha, use_rslora) for alpha in alphas] for r in ranks])
+    arrays = lora_scale(np.array(ranks)[:, None], np.array(alphas, dtype=float)[None, :], use_rslora)
+    tensors = np.array([lora_scale(r, torch.tensor(alphas, dtype=torch.float64), use_rslora).numpy() for r in ranks])
+    mismatches = {
+        form: int((values != expected).sum())
+        for form, values in (("scalars", scalars), ("arrays", arrays), ("tensors", tensors))
+    }
+    print(f"{expected.size} (r, alpha) pairs against PEFT, mismatches per form: {mismatches}")
+    assert mismatches == {"scalars": 0, "arrays": 0, "tensors": 0}
 
 
 def test_settings_hash_and_equality_ignore_list_vs_tuple() -> None:
