@@ -27,7 +27,7 @@ import pandas as pd
 
 from lora_core.errors import short_repr
 from lora_core.models import Inventory, ModelSpec, as_inventory, inventory, meta_model
-from lora_core.settings import ALL_LINEAR, LoraSettings, LoraSettingsError, lora_scale
+from lora_core.settings import ALL_LINEAR, LoraSettings, LoraSettingsError, lora_scale, param_wrapper_problems
 
 # The package's public name for the scale (lora_core.effective_scale).
 effective_scale = lora_scale
@@ -210,16 +210,12 @@ def _rank_warnings(modules: pd.DataFrame) -> list[str]:
 
 
 def _param_wrapper_problems(inv: Inventory, plan: _Plan, settings: LoraSettings) -> list[str]:
+    """What PEFT refuses on the layers the plan adapts. Settings naming `target_parameters` were
+    refused by `settings.problems()` already; this catches the parameters PEFT's MoE conversion adds."""
     kinds = set(plan.arrays["kind"])
     found = []
     if "param" in kinds:
-        for name, value in (
-            ("lora_dropout", settings.lora_dropout),
-            ("use_dora", settings.use_dora),
-            ("lora_bias", settings.lora_bias),
-        ):
-            if value:
-                found.append(f"`{name}` must be off: this config adapts fused expert parameters, where PEFT refuses it")
+        found += param_wrapper_problems(settings, "the fused expert parameters this config adapts")
     if settings.lora_bias and "embedding" in kinds:
         found.append("`lora_bias` is not supported on embedding layers (PEFT refuses it)")
     return found

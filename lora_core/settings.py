@@ -54,6 +54,8 @@ MODELLED_FIELDS = (
 )
 # Keys PEFT writes that describe the file, not the adapter.
 _FILE_KEYS = {"peft_type", "auto_mapping", "base_model_name_or_path", "revision", "peft_version"}
+# Options PEFT's ParamWrapper (the LoRA layer on a parameter, as `target_parameters` makes) raises on.
+PARAM_WRAPPER_REFUSES = ("lora_dropout", "use_dora", "lora_bias")
 
 
 class LoraSettingsError(InputError):
@@ -172,13 +174,7 @@ class LoraSettings:
         if self.layers_pattern and self.layers_to_transform is None:
             found.append("`layers_pattern` only has an effect together with `layers_to_transform`")
         if self.target_parameters:
-            for name, value in (
-                ("lora_dropout", self.lora_dropout),
-                ("use_dora", self.use_dora),
-                ("lora_bias", self.lora_bias),
-            ):
-                if value:
-                    found.append(f"`{name}` is not supported with `target_parameters` (PEFT ParamWrapper refuses it)")
+            found += param_wrapper_problems(self, "`target_parameters`")
         if not found:  # the rest is PEFT's own word, asked only of settings that pass every check above
             found += _peft_problems(self)
         return found
@@ -280,6 +276,16 @@ def lora_scale(
 def scale_formula(use_rslora: bool) -> str:
     """`lora_scale`'s formula as users read it."""
     return "alpha/sqrt(r)" if use_rslora else "alpha/r"
+
+
+def param_wrapper_problems(settings: LoraSettings, adapted: str) -> list[str]:
+    """One problem for each option of `settings` PEFT's ParamWrapper refuses, for a config that
+    adapts parameters (`adapted` says which, e.g. "`target_parameters`")."""
+    return [
+        f"`{name}` is not supported with {adapted} (PEFT ParamWrapper refuses it)"
+        for name in PARAM_WRAPPER_REFUSES
+        if getattr(settings, name)
+    ]
 
 
 def parse_targets(text: str) -> tuple[str, ...] | str:
