@@ -13,11 +13,12 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lora_core.errors import InputError, one_line, short_repr
+from lora_core.errors import InputError, is_int, one_line, positive_int_problem, short_repr
+from lora_core.options import BIASES, Bias, choice_problem
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +30,6 @@ MAX_RANK = 1 << 16
 MAX_LAYER = 1024
 # A regex over module names; anything longer is a paste accident or an attack.
 MAX_REGEX_CHARS = 1000
-Bias = Literal["none", "all", "lora_only"]
 TargetSpec = tuple[str, ...] | str | None
 
 # Fields of `peft.LoraConfig` that this object models; every other LoraConfig field is carried
@@ -140,22 +140,20 @@ class LoraSettings:
         found = _type_problems({name: getattr(self, name) for name in MODELLED_FIELDS})
         if found:
             return found
-        if not _is_positive_int(self.r) or self.r > MAX_RANK:
-            found.append(f"`r` must be a positive integer up to {MAX_RANK:,}, got {short_repr(self.r)}")
+        if problem := positive_int_problem("r", self.r, MAX_RANK):
+            found.append(problem)
         if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
             found.append(f"`lora_alpha` must be > 0, got {self.lora_alpha!r}")
         if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             found.append(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in ("none", "all", "lora_only"):
-            found.append(f"`bias` must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if problem := choice_problem("bias", self.bias, BIASES):
+            found.append(problem)
         for key, value in self.rank_pattern.items():
-            if not _is_positive_int(value) or value > MAX_RANK:
-                found.append(
-                    f"`rank_pattern` value for {key!r} must be a positive integer up to {MAX_RANK:,}, got {short_repr(value)}"
-                )
+            if problem := positive_int_problem(f"rank_pattern[{short_repr(key)}]", value, MAX_RANK):
+                found.append(problem)
         for key, value in self.alpha_pattern.items():
             if not _is_number(value) or value <= 0:
-                found.append(f"`alpha_pattern` value for {key!r} must be > 0, got {value!r}")
+                found.append(f"`alpha_pattern[{short_repr(key)}]` must be > 0, got {short_repr(value)}")
         found += _regex_problems(self)
         if isinstance(self.target_modules, tuple) and not self.target_modules and not self.target_parameters:
             found.append("`target_modules` is empty: name at least one module, a regex or 'all-linear'")
@@ -163,7 +161,7 @@ class LoraSettings:
             layers = (
                 (self.layers_to_transform,) if isinstance(self.layers_to_transform, int) else self.layers_to_transform
             )
-            if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < MAX_LAYER for i in layers):
+            if any(not is_int(i) or not 0 <= i < MAX_LAYER for i in layers):
                 found.append(
                     f"`layers_to_transform` must hold layer indices from 0 to {MAX_LAYER - 1}, got {short_repr(self.layers_to_transform)}"
                 )
@@ -361,12 +359,10 @@ def _type_problems(kwargs: Mapping[str, Any]) -> list[str]:
         if value is not None and not (strings or (isinstance(value, str) and value)):
             problems.append(f"`{name}` must be a list of names, got {short_repr(value)}")
     layers = kwargs.get("layers_to_transform")
-    if layers is not None and not (
-        _is_int(layers) or (isinstance(layers, (list, tuple)) and all(map(_is_int, layers)))
-    ):
+    if layers is not None and not (is_int(layers) or (isinstance(layers, (list, tuple)) and all(map(is_int, layers)))):
         problems.append(f"`layers_to_transform` must be a layer index or a list of them, got {short_repr(layers)}")
-    if "r" in kwargs and not _is_int(kwargs["r"]):
-        problems.append(f"`r` must be a positive integer, got {short_repr(kwargs['r'])}")
+    if "r" in kwargs and not is_int(kwargs["r"]):  # its range is `problems()`' business
+        problems.append(positive_int_problem("r", kwargs["r"]))
     for name in ("lora_alpha", "lora_dropout"):
         if name in kwargs and not _is_number(kwargs[name]):
             problems.append(f"`{name}` must be a finite number, got {short_repr(kwargs[name])}")
@@ -486,14 +482,6 @@ def _nested_repeat(pattern: str) -> bool:
         return False
 
     return walk(parser.parse(pattern))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_positive_int(value: Any) -> bool:
-    return _is_int(value) and value > 0
 
 
 def _is_number(value: Any) -> bool:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from lora_core.devices import pick_device
+from lora_core.errors import InputError, positive_int_problem, short_repr
 from lora_core.settings import lora_scale
 
 ADAM_BETAS = (0.9, 0.999)
@@ -86,16 +87,21 @@ def simulate_rank_sweep(
     """Train a LoRA pair (B @ A, B initialised to zero, A ~ 0.01 N(0, 1)) with full-batch Adam on
     the article's task for every rank at once. Returns one row per (rank, epoch): `rank`, `epoch`,
     `loss` (the MSE before that epoch's step, as the article records it) and `floor` (that rank's
-    closed-form optimum). Raises ValueError for non-positive sizes or ranks. The losses cancel to
+    closed-form optimum). Raises InputError for non-positive sizes or ranks. The losses cancel to
     ~1e-5 of ||Y||^2 near the optimum and are formed in float64, which MPS lacks: there the sweep
     runs on the CPU (`rank_sweep_device`).
     """
-    _check_positive(d_in=d_in, d_out=d_out, true_rank=true_rank, num_samples=num_samples, epochs=epochs)
-    ranks = sorted({int(r) for r in ranks})
-    if not ranks or ranks[0] < 1:
-        raise ValueError(f"`ranks` must be positive integers, got {ranks}")
+    problems = _positive_int_problems(
+        d_in=d_in, d_out=d_out, true_rank=true_rank, num_samples=num_samples, epochs=epochs
+    )
+    ranks = list(ranks)
+    problems += _positive_int_problems(**{f"ranks[{i}]": r for i, r in enumerate(ranks)})
+    if not ranks:
+        problems.append("`ranks` must name at least one rank")
     if lr <= 0 or noise < 0:
-        raise ValueError("`lr` must be > 0 and `noise` >= 0")
+        problems.append("`lr` must be > 0 and `noise` >= 0")
+    _raise_any(problems)
+    ranks = sorted(set(ranks))
     device = rank_sweep_device(device)
     _target, x, y = make_rank_task(d_in, d_out, true_rank, num_samples, noise, seed)
     init_a = shared_init(max(ranks), d_in, seed)
@@ -316,7 +322,7 @@ def reconstruction_error(
     1..max_rank with `rank`, `error`, `singular_value` (s_r)."""
     import torch
 
-    _check_positive(d=d, true_rank=true_rank, max_rank=max_rank)
+    _raise_any(_positive_int_problems(d=d, true_rank=true_rank, max_rank=max_rank))
     target, _, _ = make_rank_task(d, d_out or d, true_rank, 1, 0.0, seed)
     singular = torch.linalg.svdvals(target.double())
     energy = singular**2
@@ -343,7 +349,7 @@ def alpha_output_stats(
     `original_std`, `lora_std`, `combined_std`, `lora_ratio`; all alphas in one batched pass."""
     import torch
 
-    _check_positive(d_in=d_in, d_out=d_out, rank=rank, num_samples=num_samples)
+    _raise_any(_positive_int_problems(d_in=d_in, d_out=d_out, rank=rank, num_samples=num_samples))
     device = pick_device(device)
     generator = torch.Generator().manual_seed(seed)
     w = torch.randn(d_out, d_in, generator=generator) / math.sqrt(d_in)
@@ -396,9 +402,10 @@ def simulate_dropout(
     """
     import torch
 
-    _check_positive(d_in=d_in, d_out=d_out, rank=rank, num_forward=num_forward)
+    problems = _positive_int_problems(d_in=d_in, d_out=d_out, rank=rank, num_forward=num_forward)
     if any(not 0 <= p < 1 for p in dropout_rates):
-        raise ValueError(f"dropout rates must be in [0, 1), got {list(dropout_rates)}")
+        problems.append(f"`dropout_rates` must be in [0, 1), got {short_repr(list(dropout_rates))}")
+    _raise_any(problems)
     device = pick_device(device)
     generator = torch.Generator().manual_seed(seed)
     a = torch.randn(rank, d_in, generator=generator) * 0.1
@@ -430,8 +437,7 @@ def dropout_histogram(samples: pd.DataFrame, bins: int = 80) -> pd.DataFrame:
     """Bin `simulate_dropout`'s samples on edges shared by all rates, so the page ships bins to the
     browser, not the samples (1,000 passes x 256 outputs x rates is over a million values).
     One row per (rate, bin): `dropout`, `left`, `right`, `center`, `count`."""
-    if bins < 1:
-        raise ValueError(f"`bins` must be a positive integer, got {bins}")
+    _raise_any(_positive_int_problems(bins=bins))
     edges = np.histogram_bin_edges(samples["value"].to_numpy(), bins=bins)
     frames = []
     for rate, values in samples.groupby("dropout", sort=True)["value"]:
@@ -450,7 +456,11 @@ def dropout_histogram(samples: pd.DataFrame, bins: int = 80) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _check_positive(**values: int) -> None:
-    bad = [f"`{name}` must be a positive integer, got {value!r}" for name, value in values.items() if int(value) < 1]
-    if bad:
-        raise ValueError("; ".join(bad))
+def _positive_int_problems(**values: object) -> list[str]:
+    return [problem for name, value in values.items() if (problem := positive_int_problem(name, value))]
+
+
+def _raise_any(problems: list[str]) -> None:
+    """Every problem found in one input, raised once."""
+    if problems:
+        raise InputError("; ".join(problems))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from lora_core.errors import InputError
 from lora_core.simulate import (
     _least_squares,
     _moments,
@@ -88,10 +89,30 @@ def test_default_signature_matches_the_article_experiment() -> None:
     assert sorted(sweep["rank"].unique()) == [2, 4, 8, 16, 32]
 
 
-@pytest.mark.parametrize("bad", [{"ranks": ()}, {"ranks": (0, 2)}, {"epochs": 0}, {"lr": 0}, {"d_in": 0}])
-def test_bad_simulation_input_raises(bad) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"ranks": ()}, "`ranks` must name at least one rank"),
+        ({"ranks": (2, 0)}, "`ranks[1]` must be a positive integer, got 0"),
+        ({"ranks": (2.5,)}, "`ranks[0]` must be a positive integer, got 2.5"),
+        ({"epochs": 0}, "`epochs` must be a positive integer, got 0"),
+        ({"epochs": True}, "`epochs` must be a positive integer, got True"),
+        ({"lr": 0}, "`lr` must be > 0 and `noise` >= 0"),
+        ({"d_in": 0}, "`d_in` must be a positive integer, got 0"),
+    ],
+)
+def test_bad_simulation_input_raises_one_line_naming_the_field(bad, message) -> None:
+    with pytest.raises(InputError) as error:
         simulate_rank_sweep(**{**SMALL, "epochs": 2, **bad})
+    assert str(error.value) == message
+
+
+def test_every_bad_simulation_input_is_named_at_once() -> None:
+    with pytest.raises(InputError) as error:
+        alpha_output_stats(d_in=0, rank=-1)
+    assert str(error.value) == "`d_in` must be a positive integer, got 0; `rank` must be a positive integer, got -1"
+    with pytest.raises(InputError, match=r"`num_forward` must be .*; `dropout_rates` must be in \[0, 1\)"):
+        simulate_dropout(num_forward=0, dropout_rates=(0.0, 1.0))
 
 
 def test_reconstruction_error_vanishes_from_the_true_rank_on() -> None:
@@ -139,7 +160,7 @@ def test_dropout_histogram_bins_every_sample_on_shared_edges() -> None:
     # dropout widens the spread: p=0.3 puts samples in bins p=0 leaves empty
     occupied = per_rate.apply(lambda g: int((g["count"] > 0).sum()))
     assert occupied.loc[0.3] > occupied.loc[0.0]
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="`bins` must be a positive integer, got 0"):
         dropout_histogram(samples, bins=0)
 
 
