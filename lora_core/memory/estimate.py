@@ -115,7 +115,7 @@ def estimate_memory(
     eval_terms: list[MemoryTerm] = []
     if setup.eval_batch_size is not None:
         eval_static = [t for t in static if t.name != "LoRA gradients"]
-        eval_terms = [*eval_static, *_eval_terms(shape, setup), *dequant_terms(setup, linears)]
+        eval_terms = [*eval_static, *_eval_terms(shape, setup, setup.eval_batch_size), *dequant_terms(setup, linears)]
         eval_peak = sum(t.bytes for t in eval_terms)
 
     phase = "eval" if eval_peak is not None and eval_peak > train_peak else "train"
@@ -210,9 +210,9 @@ def _activation_terms(
     return [*activations, max(loss_term, transient_term, key=lambda t: t.bytes)]
 
 
-def _eval_terms(shape: Shape, setup: TrainSetup) -> list[MemoryTerm]:
+def _eval_terms(shape: Shape, setup: TrainSetup, eval_batch: int) -> list[MemoryTerm]:
     """An evaluation batch's logits and one layer's working set, without gradients."""
-    tokens = qty(setup.eval_batch_size * setup.seq_len, "eval tokens")
+    tokens = qty(eval_batch * setup.seq_len, "eval tokens")
     act = DTYPE_BYTES[setup.dtype]
     logit_bytes = qty(act, "B logits") + qty(4, "B float32 copy") + qty(4, "B log-probs")
     width = qty(shape.mlp_width, "MLP width")

@@ -34,7 +34,8 @@ def largest_fitting(
     count = count if count is not None else count_lora_params(inv, settings)
 
     def fits(value: int) -> bool:
-        return estimate_memory(inv, settings, replace(setup, **{vary: value}), count).fits(capacity_gib)
+        varied = replace(setup, batch_size=value) if vary == "batch_size" else replace(setup, seq_len=value)
+        return estimate_memory(inv, settings, varied, count).fits(capacity_gib)
 
     if not fits(1):
         return 0
@@ -82,7 +83,7 @@ def strategy_table(
     from lora_core.strategies import STRATEGIES, StrategyError, resolve_strategy
 
     inv = as_inventory(model)
-    rows = []
+    rows: list[dict[str, object]] = []
     for name in STRATEGIES:
         try:
             targets = resolve_strategy(inv, name)

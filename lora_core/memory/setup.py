@@ -12,6 +12,11 @@ from lora_core.options import (
     MEMORY_DEVICES,
     OPTIMIZER_STATE_BYTES,
     QUANTIZATIONS,
+    Attention,
+    Dtype,
+    MemoryDevice,
+    Optimizer,
+    Quantization,
     choice_problem,
 )
 
@@ -43,15 +48,15 @@ class TrainSetup:
 
     batch_size: int = 4
     seq_len: int = 1024
-    dtype: str = "bf16"
-    quantization: str = "none"
+    dtype: Dtype = "bf16"
+    quantization: Quantization = "none"
     double_quant: bool = True
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     gradient_checkpointing: bool = False
-    attention: str = "sdpa"
-    device: str = "cuda"
+    attention: Attention = "sdpa"
+    device: MemoryDevice = "cuda"
     eval_batch_size: int | None = None
-    adapter_dtype: str = "fp32"
+    adapter_dtype: Dtype = "fp32"
     autocast: bool = True
     padded: bool = True
     bnb_saves_input: bool = False
