@@ -1,10 +1,12 @@
-"""Which torch device a simulation or a run uses: the one asked for, checked, or the best there is."""
+"""Which torch device a simulation or a run uses (the one asked for, checked, or the best there is),
+and the dtype a run trains in there."""
 
 from __future__ import annotations
 
 import re
 
 from lora_core.errors import InputError
+from lora_core.options import Dtype
 
 DEVICE_FORMS = "cpu, cuda, cuda:N or mps"
 _DEVICE = re.compile(r"cpu|mps|cuda(:\d{1,3})?")
@@ -47,3 +49,20 @@ def pick_device(preference: str | None = None) -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def train_dtype(device: str) -> Dtype:
+    """The dtype a run on `device` loads its base model and trains in: "bf16" on a CUDA device that
+    supports it, else "fp32" (the CPU and MPS train in full precision)."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def torch_dtype(dtype: Dtype):
+    """The `torch.dtype` of an option value ("bf16" is `torch.bfloat16`)."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]

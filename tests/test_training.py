@@ -14,12 +14,13 @@ from tiny_model import build_tiny_causal_lm
 
 from lora_core import LoraSettings, count_lora_params
 from lora_core.adapters import adapter_zip, effective_ranks
-from lora_core.datasets import DatasetError, builtin_dataset, parse_upload, tokenize_examples
+from lora_core.datasets import BUILTIN_TASKS, DatasetError, builtin_dataset, parse_upload, tokenize_examples
+from lora_core.devices import train_dtype
 from lora_core.errors import InputError
 from lora_core.models import spec_from_text
 from lora_core.runner import RunManager
 from lora_core.store import Store
-from lora_core.training import TrainConfig, run_training
+from lora_core.training import TrainConfig, collator, load_model_and_tokenizer, memory_setup, run_training
 
 SETTINGS = LoraSettings(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"))
 
@@ -150,6 +151,90 @@ def test_a_dataset_gone_after_queueing_fails_the_run_with_a_reason(tiny_model, t
     result = run_training(store, run_id, config, SETTINGS)
     assert result.status == "failed" and "does not exist" in result.error
     assert store.run(run_id)["status"] == "failed" and not list((tmp_path / "store" / "scratch").glob("*"))
+
+
+def right_padded(features: list[dict], pad_id: int) -> dict:
+    """The batch a run trains on, built by hand: input_ids right-padded with the pad token to the
+    longest example, labels with -100, and a mask of ones over each example's own tokens."""
+    import torch
+
+    width = max(len(f["input_ids"]) for f in features)
+    gaps = [width - len(f["input_ids"]) for f in features]
+    return {
+        "input_ids": torch.tensor([f["input_ids"] + [pad_id] * gap for f, gap in zip(features, gaps)]),
+        "attention_mask": torch.tensor([[1] * (width - gap) + [0] * gap for gap in gaps]),
+        "labels": torch.tensor([f["labels"] + [-100] * gap for f, gap in zip(features, gaps)]),
+    }
+
+
+def assert_same_batch(batch, expected: dict) -> None:
+    import torch
+
+    assert list(batch.keys()) == list(expected)
+    for name, tensor in expected.items():
+        assert batch[name].dtype == torch.long and torch.equal(batch[name], tensor), name
+
+
+def test_batches_are_right_padded_with_masked_labels_on_the_embedded_tokenizer() -> None:
+    from transformers import AutoTokenizer
+
+    from lora_core.embedded import ensure_embedded
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded())
+    collate, padded = collator(tokenizer), 0
+    for task in BUILTIN_TASKS:
+        examples = tokenize_examples(builtin_dataset(task, 24, 4).train[:16], tokenizer, 64)
+        for start in range(0, 16, 4):
+            features = examples[start : start + 4]
+            expected = right_padded(features, tokenizer.pad_token_id)
+            assert_same_batch(collate(features), expected)
+            padded += int((expected["attention_mask"] == 0).sum())
+    assert padded > 0  # some batches mixed lengths, so the padding itself was compared
+
+
+def test_a_left_padding_tokenizer_is_loaded_to_pad_on_the_right(tiny_model, tmp_path) -> None:
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = shutil.copytree(tiny_model, tmp_path / "left")
+    left = AutoTokenizer.from_pretrained(folder)
+    left.padding_side = "left"
+    left.save_pretrained(folder)
+    _, tokenizer = load_model_and_tokenizer(str(folder), "cpu")
+    features = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    assert_same_batch(collator(tokenizer)(features), right_padded(features, tokenizer.pad_token_id))
+
+
+@pytest.mark.parametrize(
+    ("device", "bf16", "dtype"),
+    [("cpu", True, "fp32"), ("mps", True, "fp32"), ("cuda", False, "fp32"), ("cuda:1", True, "bf16")],
+)
+def test_a_run_trains_in_bf16_only_on_a_cuda_device_that_supports_it(monkeypatch, device, bf16, dtype) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert train_dtype(device) == dtype
+    setup = memory_setup(TrainConfig(batch_size=2), 100, device)
+    assert (setup.dtype, setup.device, setup.eval_batch_size) == (dtype, "cuda" if "cuda" in device else "cpu", 8)
+
+
+@pytest.mark.parametrize("value", [0, -3, True, 2.5, "4"])
+def test_each_count_field_is_refused_unless_a_positive_integer(value) -> None:
+    for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_examples"):
+        problems = TrainConfig(**{name: value}).problems()
+        assert problems == [f"`{name}` must be a positive integer, got {value!r}"]
+
+
+def test_importing_the_training_package_imports_no_torch() -> None:
+    """The CLI's and the pages' import of `lora_core.training` stays light; a run imports the rest."""
+    code = "import sys, lora_core.training; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft'}))"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120, env=_env(root)
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
 
 
 def test_bad_config_is_refused_before_queueing(tiny_model, manager) -> None:
