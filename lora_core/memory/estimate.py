@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 
 from lora_core.counting import CountResult, count_lora_params
-from lora_core.memory.formula import counted, qty, total
+from lora_core.memory.formula import Formula, counted, qty, total
 from lora_core.memory.layer import bnb_saved_inputs, first_adapted, layer_bytes, layer_parts, untracked_prefix
 from lora_core.memory.lora import lora_layers
 from lora_core.memory.setup import TrainSetup
@@ -143,8 +143,8 @@ def _activation_terms(
     shape: Shape,
     linears: QuantisedLinears,
 ) -> list[MemoryTerm]:
-    """The saved activations of the layers and the LoRA branches, and the larger of the loss's
-    working set and one layer's backward working set."""
+    """The saved activations of the layers, the LoRA branches and (`bnb_saves_input`) the 4-bit
+    matmuls' inputs, and the larger of the loss's and one layer's backward working set."""
     tokens = qty(setup.batch_size * setup.seq_len, "tokens")
     act = qty(DTYPE_BYTES[setup.dtype], "B")
     parts = layer_parts(shape, setup)
@@ -188,26 +188,31 @@ def _activation_terms(
         if prefix is not None:
             base = base - prefix.note("what precedes the first adapter")
         activations = [term("activations: base layers", base + final_norm if final_norm else base, "activations")]
-        if lora_per_layer:
-            lora_total = total(counted(lora_per_layer, "layers"))
-            if lora_total.value:
-                activations.append(term("activations: LoRA branches", lora_total, "activations"))
+        lora_total = total(counted(lora_per_layer, "layers"))
+        if lora_total.value:
+            activations.append(term("activations: LoRA branches", lora_total, "activations"))
         if bnb:
             saved = total(counted(bnb, "layers"))
             activations.append(term("activations: inputs kept by bitsandbytes", saved, "activations"))
-    routed = qty(shape.routed, "top-k") if shape.routed else None
+    return [*activations, _working_set_term(shape, tokens, act)]
+
+
+def _working_set_term(shape: Shape, tokens: Formula, act: Formula) -> MemoryTerm:
+    """The larger of the loss's working set and one layer's backward working set."""
     width = qty(shape.mlp_width, "MLP width")
+    if shape.routed:
+        width = width * qty(shape.routed, "top-k")
     logits = (
         tokens
         * qty(shape.vocab, "vocab")
         * qty(12, "B").note("float32 log-probs, their gradient, the logits' gradient")
     )
-    transient = (tokens * (2 * (width * routed if routed else width) + 2 * hidden) * act).note(
+    transient = (tokens * (2 * width + 2 * qty(shape.hidden, "hidden")) * act).note(
         "gradients of one layer's activations"
     )
     loss_term = term("logits and loss", logits, "logits")
     transient_term = term("backward working set", transient, "activations")
-    return [*activations, max(loss_term, transient_term, key=lambda t: t.bytes)]
+    return max(loss_term, transient_term, key=lambda t: t.bytes)
 
 
 def _eval_terms(shape: Shape, setup: TrainSetup, eval_batch: int) -> list[MemoryTerm]:
