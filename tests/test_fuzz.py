@@ -24,7 +24,6 @@ import sys
 import threading
 import types
 from pathlib import Path
-from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
@@ -36,6 +35,7 @@ from lora_core.counting import count_lora_params
 from lora_core.errors import InputError
 from lora_core.export import import_config
 from lora_core.models import CATALOGUE_DIR, SIZE_LIMITS, catalogue_ids, inventory, resolve_model, spec_from_text
+from lora_core.options import BIASES
 from lora_core.settings import MAX_RANK, MODELLED_FIELDS, LoraSettings, parse_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -460,7 +460,7 @@ def test_from_peft_dict_and_from_json(data, model, as_text) -> None:
         _use_settings(settings, model)
 
 
-# --- 3. the shareable-link parser (pages/common.py) -------------------------------------------------
+# --- 3. the shareable-link parser (pages/common/links.py) -------------------------------------------
 
 link_numbers = st.one_of(
     st.integers(-300, 5000).map(str),
@@ -505,7 +505,7 @@ def _assert_link_value(key: str, value) -> None:
     elif key in ("lx_rslora", "lx_dora"):
         assert isinstance(value, bool), value
     elif key == "lx_bias":
-        assert value in ("none", "lora_only", "all"), value
+        assert value in BIASES, value
 
 
 @fuzz(300)
@@ -513,7 +513,7 @@ def _assert_link_value(key: str, value) -> None:
 def test_link_parse_functions_return_a_value_or_none(text) -> None:
     common = _common()
     with hang_guard(f"link value {show(text)}"):
-        for name, (_key, parse) in common._URL_KEYS.items():
+        for name, (_key, parse) in common.LINK_KEYS.items():
             value = parse(text)
             if value is None:
                 continue
@@ -543,9 +543,8 @@ def test_load_query_params_keeps_only_valid_values(params) -> None:
     common = _common()
     before = {"lx_spec": resolve_model(common.DEFAULT_MODEL), **common.SIDEBAR_DEFAULTS}
     state = dict(before)
-    fake = types.SimpleNamespace(query_params=_FakeParams(params), session_state=state)
-    with hang_guard(f"link {show(params)}"), mock.patch.object(common, "st", fake):
-        common._load_query_params()
+    with hang_guard(f"link {show(params)}"):
+        common.load_link(_FakeParams(params), state)
     for key, value in state.items():
         if key == "lx_spec":
             assert value.model_id in catalogue_ids()

@@ -26,6 +26,6 @@ def test_engine_does_not_import_streamlit(path: Path) -> None:
     assert "streamlit" not in imported_modules(path)
 
 
-@pytest.mark.parametrize("path", [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py"))], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [ROOT / "app.py", *sorted((ROOT / "pages").rglob("*.py"))], ids=lambda p: p.name)
 def test_ui_does_not_import_torch(path: Path) -> None:
     assert not {"torch", "transformers", "peft"} & imported_modules(path)

@@ -14,8 +14,6 @@ Pages import from here. Nothing in this package imports torch: everything comput
 
 from __future__ import annotations
 
-import streamlit as st
-
 from pages.common.charts import add_markers, hline, vband, vline
 from pages.common.display import human, role_breakdown, show_count
 from pages.common.fields import CUSTOM, DEFAULT_MODEL, DROPOUT_MAX, R_MAX, SIDEBAR_DEFAULTS, field_problem
@@ -46,15 +44,6 @@ from pages.common.uploads import (
     file_upload,
     read_upload,
 )
-
-# The link parser under its older names, which the fuzz suite drives with `st` patched here.
-_URL_KEYS = LINK_KEYS
-
-
-def _load_query_params() -> None:
-    """This run's link taken into this session (`load_link`)."""
-    load_link(st.query_params, st.session_state)
-
 
 __all__ = [
     "CUSTOM",
