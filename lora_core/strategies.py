@@ -292,6 +292,11 @@ def count_search_space(model, priority: str = "balanced") -> pd.DataFrame:
     from lora_core.models import as_inventory
 
     inv = as_inventory(model)
+    # Labels in the article's order ("q+k+v+o"): LoraSettings sorts target_modules.
+    labels = {
+        frozenset(written): "+".join(t.split("_")[0] for t in written)
+        for written in SEARCH_SPACES[priority]["target_sets"]
+    }
     rows = []
     for index, settings in enumerate(search_space(priority)):
         adapted, note = adapt_to_model(settings, inv)
@@ -301,7 +306,7 @@ def count_search_space(model, priority: str = "balanced") -> pd.DataFrame:
                 "config": index,
                 "r": adapted.r,
                 "lora_alpha": adapted.lora_alpha,
-                "target_set": "+".join(t.split("_")[0] for t in settings.target_modules),
+                "target_set": labels[frozenset(settings.target_modules)],
                 "targets": describe_targets(adapted.target_modules, adapted.target_parameters),
                 "lora_dropout": adapted.lora_dropout,
                 "trainable_params": result.trainable_params,

@@ -165,3 +165,10 @@ def test_settings_on_model_changes_only_the_targets() -> None:
     assert settings_on_model(settings, None, gpt2) == (settings, "")
     with pytest.raises(StrategyError, match="unknown strategy"):
         settings_on_model(settings, "Everything", gpt2)
+
+
+def test_search_space_labels_keep_the_articles_order() -> None:
+    """The article writes its target sets q, k, v, o: the labels did not, because LoraSettings
+    sorts target_modules (k+o+q+v)."""
+    table = count_search_space("meta-llama/Llama-2-7b-hf", "thorough")
+    assert list(dict.fromkeys(table["target_set"])) == ["q+v", "q+k+v+o", "q+k+v+o+up+down"]
