@@ -102,6 +102,12 @@ class LoraSettings:
             raise LoraSettingsError(wrong)
         if not isinstance(self.peft_extras, Mapping) and self.peft_extras is not None:
             raise LoraSettingsError([f"`peft_extras` must be a mapping, got {short_repr(self.peft_extras)}"])
+        if self.peft_extras and not _is_json(self.peft_extras):  # exported and hashed as JSON
+            raise LoraSettingsError(
+                [
+                    f"`peft_extras` must hold JSON values, as adapter_config.json does, got {short_repr(self.peft_extras)}"
+                ]
+            )
         # Lists become tuples so equal settings compare and hash equal. PEFT turns target,
         # exclude and parameter lists into sets, so their order means nothing: sort them.
         for name in ("target_modules", "exclude_modules", "target_parameters"):
@@ -482,6 +488,15 @@ def _nested_repeat(pattern: str) -> bool:
         return False
 
     return walk(parser.parse(pattern))
+
+
+def _is_json(value: Any) -> bool:
+    """Whether `value` is plain JSON (no bytes, sets, objects, NaN, or nesting beyond the recursion limit)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
 
 
 def _is_number(value: Any) -> bool:

@@ -221,6 +221,17 @@ def test_constructing_with_a_wrong_type_is_refused_at_once() -> None:
         LoraSettings(target_modules=[["unhashable"]])
 
 
+@pytest.mark.parametrize("value", [b"", frozenset({"a"}), float("nan"), object()])
+def test_extras_json_cannot_hold_are_refused_at_once(value) -> None:
+    """PEFT's LoraConfig takes these, but an export could not write them (nor a cache key hash them)."""
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    for extras in ({"init_lora_weights": value}, {"inference_mode": deep}):
+        with pytest.raises(LoraSettingsError, match="`peft_extras` must hold JSON values"):
+            LoraSettings(target_modules=("q_proj",), peft_extras=extras)
+
+
 def test_binary_and_deeply_nested_json_are_refused_in_one_line() -> None:
     with pytest.raises(LoraSettingsError, match="not a text file"):
         LoraSettings.from_json(b"\x7fELF\x02\x01\x01\x00\xff\xfe")
