@@ -7,7 +7,6 @@ from lora_core.counting import (
     CountResult,
     adaptable_leaf_names,
     count_lora_params,
-    effective_scale,
     matched_module_names,
 )
 from lora_core.models import (
@@ -19,7 +18,7 @@ from lora_core.models import (
     resolve_model,
     spec_from_text,
 )
-from lora_core.settings import ALL_LINEAR, LoraSettings, LoraSettingsError, unknown_keys
+from lora_core.settings import ALL_LINEAR, LoraSettings, LoraSettingsError, lora_scale, unknown_keys
 
 __version__ = "0.1.0"
 
@@ -34,8 +33,8 @@ __all__ = [
     "adaptable_leaf_names",
     "catalogue_ids",
     "count_lora_params",
-    "effective_scale",
     "inventory",
+    "lora_scale",
     "matched_module_names",
     "resolve_model",
     "spec_from_text",

@@ -29,9 +29,6 @@ from lora_core.errors import short_repr
 from lora_core.models import Inventory, ModelSpec, as_inventory, inventory, meta_model
 from lora_core.settings import ALL_LINEAR, LoraSettings, LoraSettingsError, lora_scale, param_wrapper_problems
 
-# The package's public name for the scale (lora_core.effective_scale).
-effective_scale = lora_scale
-
 SUPPORTED_KINDS = ("linear", "conv1d", "embedding", "conv")
 # PEFT's PeftModelFor* classes add their heads to `modules_to_save`.
 _TASK_HEADS = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lora_core.settings import LoraSettings, lora_scale, scale_formula
+from lora_core.settings import LoraSettings, scale_formula
 
 # Article, "Empirical Guidelines for Rank Selection".
 RANK_BANDS: tuple[tuple[int, int, str], ...] = (
@@ -51,7 +51,3 @@ def dropout_advice(r: int, dropout: float) -> str | None:
             "low ranks already regularise; consider dropout 0"
         )
     return None
-
-
-# The Alpha page's name for `settings.lora_scale`.
-scale_of = lora_scale

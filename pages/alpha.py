@@ -5,7 +5,8 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import streamlit as st
 
-from lora_core.guidelines import alpha_advice, scale_of
+from lora_core.guidelines import alpha_advice
+from lora_core.settings import lora_scale
 from lora_core.simulate import alpha_output_stats, scale_grid
 from pages.common import page_state, show_count
 
@@ -28,7 +29,7 @@ st.write(
 show_count(state)
 
 rslora = st.toggle("rsLoRA (alpha / sqrt(r))", value=settings.use_rslora, key="lx_alpha_rslora")
-current_scale = scale_of(settings.r, settings.lora_alpha, rslora)
+current_scale = lora_scale(settings.r, settings.lora_alpha, rslora)
 st.metric("Effective scale of the current config", f"{current_scale:.3f}")
 advice = alpha_advice(settings.replace(use_rslora=rslora))
 if advice:
