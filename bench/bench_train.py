@@ -40,7 +40,7 @@ def plain_trainer(config: TrainConfig) -> float:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from lora_core.datasets import tokenize_examples
-    from lora_core.training import _Collator, load_dataset, load_model_and_tokenizer
+    from lora_core.training import collator, load_dataset, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(config.model, "cpu")
     data = tokenize_examples(
@@ -72,7 +72,7 @@ def plain_trainer(config: TrainConfig) -> float:
         data_seed=config.seed,
     )
     Trainer(
-        model=peft_model, args=args, train_dataset=data, data_collator=_Collator(tokenizer), callbacks=[Clock()]
+        model=peft_model, args=args, train_dataset=data, data_collator=collator(tokenizer), callbacks=[Clock()]
     ).train()
     return steady_rate(times, tokens)
 

@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 NO_CUDA_LINE = (
     "no CUDA device: gpu-check has nothing to run; torch {version} sees no CUDA GPU "
@@ -207,7 +206,6 @@ def check_env(data_dir: Path) -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
     )
     return env
 
@@ -308,7 +306,7 @@ def simulation_worker(device: str, small: bool = False) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from lora_core import simulate
+    from lora_core import devices, simulate
 
     cuda = device.startswith("cuda")
 
@@ -326,7 +324,7 @@ def simulation_worker(device: str, small: bool = False) -> dict[str, Any]:
     result: dict[str, Any] = {
         "device": device,
         "description": simulate.device_description(device),
-        "auto_device": simulate.pick_device(),
+        "auto_device": devices.pick_device(),
         "auto_rank_device": simulate.rank_sweep_device(),
     }
     # warm-up: the CUDA context, cuBLAS handles and the fused Adam kernel are no simulation's cost
@@ -453,10 +451,10 @@ def train_worker(cli_args: Sequence[str]) -> int:
     run loads and the PEFT model it builds: they print the dtypes it really trains in."""
     import peft
 
-    import lora_core.training as training
+    import lora_core.training.run as training_run
     from lora_core.cli import main as cli_main
 
-    load, get_peft_model = training.load_model_and_tokenizer, peft.get_peft_model
+    load, get_peft_model = training_run.load_model_and_tokenizer, peft.get_peft_model
 
     def observe(**fields) -> None:
         print(OBSERVED_TAG + json.dumps(fields), flush=True)
@@ -479,7 +477,7 @@ def train_worker(cli_args: Sequence[str]) -> int:
         observe(adapter_dtypes=sorted(trainable))
         return peft_model
 
-    training.load_model_and_tokenizer = observed_load
+    training_run.load_model_and_tokenizer = observed_load
     peft.get_peft_model = observed_peft
     return cli_main(["train", *cli_args])
 

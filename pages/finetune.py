@@ -99,8 +99,8 @@ def run_name(text: str) -> str | None:
 def planned_memory(model_choice: str, settings: lora_core.LoraSettings, config: TrainConfig) -> str:
     """'; estimated peak at most ... MiB' for the embedded or a catalogue model on this server's
     device (sequences padded to the full length: the run's own estimate uses its longest example)."""
+    from lora_core.devices import pick_device
     from lora_core.memory import estimate_memory
-    from lora_core.simulate import pick_device
 
     device = pick_device()
     if device == "mps" or (model_choice != EMBEDDED and model_choice not in lora_core.catalogue_ids()):

@@ -82,7 +82,7 @@ def _sandbox(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LORA_EXPLORER_DATA", str(data / "default"))
         patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setattr(training, "_train", no_training)
+        patch.setattr(training.run, "_train", no_training)
         for model in SMALL_MODELS:
             inventory(resolve_model(model))
         yield types.SimpleNamespace(root=data, reached=reached)
