@@ -105,6 +105,11 @@ def _build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--qlora", action="store_true", help="4-bit NF4 base weights (bitsandbytes, double quant)")
     memory.add_argument("--int8", action="store_true", help="LLM.int8 base weights (bitsandbytes)")
     memory.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantisation")
+    memory.add_argument(
+        "--bnb-saves-input",
+        action="store_true",
+        help="bitsandbytes before 0.43.2, which kept every 4-bit matmul's input for backward",
+    )
     memory.add_argument("--grad-checkpointing", action="store_true")
     memory.add_argument("--optimizer", choices=options.OPTIMIZERS, default="adamw")
     memory.add_argument("--attention", choices=options.ATTENTIONS, default="sdpa")
@@ -320,6 +325,7 @@ def _cmd_memory(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         quantization="nf4" if args.qlora else ("int8" if args.int8 else "none"),
         double_quant=not args.no_double_quant,
+        bnb_saves_input=args.bnb_saves_input,
         optimizer=args.optimizer,
         gradient_checkpointing=args.grad_checkpointing,
         attention=args.attention,

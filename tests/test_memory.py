@@ -629,6 +629,26 @@ def test_cli_memory_json_and_table() -> None:
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 
 
+def test_cli_bnb_saves_input_flag() -> None:
+    """`--bnb-saves-input` is LitGPT's setup above through the CLI: the 4-bit inputs appear as
+    their own bytes; without --qlora the flag is refused (exit 2, one line)."""
+    command = [sys.executable, "-m", "lora_core", "memory", "--model", "meta-llama/Llama-2-7b-hf", "--json"]
+    command += ["--r", "8", "--alpha", "16", "--dropout", "0.05", "--targets", "q_proj,v_proj", "--batch", "1"]
+    command += ["--seq", "1304", "--adapter-dtype", "bf16", "--no-autocast"]
+    runs = [
+        subprocess.run([*command, "--qlora", *extra], cwd=ROOT, capture_output=True, text=True)
+        for extra in ([], ["--bnb-saves-input"])
+    ]
+    plain, kept = (json.loads(run.stdout) for run in runs)
+    assert kept["setup"]["bnb_saves_input"] is True and plain["setup"]["bnb_saves_input"] is False
+    expected = estimate_memory(
+        "meta-llama/Llama-2-7b-hf", LITGPT_LORA, replace(litgpt_setup("bnb.nf4-dq"), padded=True)
+    )
+    assert kept["peak_bytes"] == expected.peak_bytes > plain["peak_bytes"]
+    bad = subprocess.run([*command, "--bnb-saves-input"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "bnb_saves_input" in bad.stderr and bad.stderr.count("\n") == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_training_step_peak_matches_the_estimate() -> None:
