@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
@@ -157,9 +157,9 @@ class LoraSettings:
         for key, value in self.rank_pattern.items():
             if problem := positive_int_problem(f"rank_pattern[{short_repr(key)}]", value, MAX_RANK):
                 found.append(problem)
-        for key, value in self.alpha_pattern.items():
-            if not _is_number(value) or value <= 0:
-                found.append(f"`alpha_pattern[{short_repr(key)}]` must be > 0, got {short_repr(value)}")
+        for key, alpha in self.alpha_pattern.items():
+            if not _is_number(alpha) or alpha <= 0:
+                found.append(f"`alpha_pattern[{short_repr(key)}]` must be > 0, got {short_repr(alpha)}")
         found += _regex_problems(self)
         if isinstance(self.target_modules, tuple) and not self.target_modules and not self.target_parameters:
             found.append("`target_modules` is empty: name at least one module, a regex or 'all-linear'")
@@ -263,6 +263,10 @@ class LoraSettings:
         return cls.from_peft_dict(config.to_dict())
 
 
+@overload
+def lora_scale(r: int, lora_alpha: float, use_rslora: bool = False) -> float: ...
+@overload
+def lora_scale(r: int | np.ndarray, lora_alpha: float | np.ndarray, use_rslora: bool = False) -> np.ndarray: ...
 def lora_scale(
     r: int | np.ndarray, lora_alpha: float | np.ndarray | torch.Tensor, use_rslora: bool = False
 ) -> float | np.ndarray | torch.Tensor:
@@ -368,7 +372,7 @@ def _type_problems(kwargs: Mapping[str, Any]) -> list[str]:
     if layers is not None and not (is_int(layers) or (isinstance(layers, (list, tuple)) and all(map(is_int, layers)))):
         problems.append(f"`layers_to_transform` must be a layer index or a list of them, got {short_repr(layers)}")
     if "r" in kwargs and not is_int(kwargs["r"]):  # its range is `problems()`' business
-        problems.append(positive_int_problem("r", kwargs["r"]))
+        problems.append(f"`r` must be a positive integer, got {short_repr(kwargs['r'])}")
     for name in ("lora_alpha", "lora_dropout"):
         if name in kwargs and not _is_number(kwargs[name]):
             problems.append(f"`{name}` must be a finite number, got {short_repr(kwargs[name])}")
@@ -449,8 +453,8 @@ def _nested_repeat(pattern: str) -> bool:
     server pins a thread for minutes. A body with a required part between iterations
     (`(\\w+\\.)*`, `(x+y)+`) cannot be split that way and passes."""
     try:
-        from re import _constants as constants  # Python 3.11+
-        from re import _parser as parser
+        from re import _constants as constants  # type: ignore[attr-defined]  # Python 3.11+
+        from re import _parser as parser  # type: ignore[attr-defined]
     except ImportError:  # pragma: no cover - Python 3.10
         import sre_constants as constants  # type: ignore[no-redef]
         import sre_parse as parser  # type: ignore[no-redef]

@@ -271,8 +271,11 @@ def _least_squares(moments: _Moments) -> _LeastSquaresFit:
     s, c = moments.s, moments.c
     d_out, d_in = c.shape
     jitter = 0.0
-    chol, info = torch.linalg.cholesky_ex(s) if moments.samples >= d_in else (None, 1)
-    if int(info):  # singular (or numerically so): a tiny ridge
+    singular = True  # with fewer samples than inputs
+    if moments.samples >= d_in:
+        chol, info = torch.linalg.cholesky_ex(s)
+        singular = bool(int(info))  # numerically singular
+    if singular:  # a tiny ridge
         jitter = 1e-10 * float(s.diagonal().mean())
         chol = torch.linalg.cholesky(s + jitter * torch.eye(d_in, dtype=s.dtype))
     z = torch.linalg.solve_triangular(chol, c.T, upper=False)  # (d_in, d_out)

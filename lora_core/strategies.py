@@ -100,7 +100,7 @@ def minimal_targets(chosen: list[str], all_names: list[str]) -> tuple[str, ...] 
     chosen_set = set(chosen)
     # every dotted suffix of every other module: a suffix list matches exactly `chosen` when no
     # suffix in it is one of these (PEFT matches `name == key or name.endswith("." + key)`)
-    taken = set()
+    taken: set[str] = set()
     for other in all_names:
         if other and other not in chosen_set:
             parts = other.split(".")
@@ -186,9 +186,18 @@ _TARGET_SET_STRATEGY = {frozenset(ATTENTION_QV): "Q,V", frozenset(ATTENTION_QKVO
 def search_space(priority: str) -> list[LoraSettings]:
     """The article's configurations for `priority` ("efficiency" 4, "balanced" 36, "thorough" 135),
     in the article's order, with Llama-style names (`q_proj`, ...); `adapt_to_model` maps them."""
+    return [settings for _, settings in _search_space_entries(priority)]
+
+
+def _search_space_entries(priority: str) -> list[tuple[str, LoraSettings]]:
+    """`search_space` with each entry's target-set label in the article's order ("q+k+v+o"), which
+    the settings cannot give back: `LoraSettings` sorts `target_modules`."""
     space = SEARCH_SPACES[priority]
     return [
-        LoraSettings(r=r, lora_alpha=int(r * ratio), target_modules=targets, lora_dropout=dropout)
+        (
+            "+".join(t.split("_")[0] for t in targets),
+            LoraSettings(r=r, lora_alpha=int(r * ratio), target_modules=targets, lora_dropout=dropout),
+        )
         for r, ratio, targets, dropout in itertools.product(
             space["ranks"], space["alpha_ratios"], space["target_sets"], space["dropouts"]
         )
@@ -211,8 +220,8 @@ def adapt_to_model(settings: LoraSettings, inv: Inventory) -> tuple[LoraSettings
         return settings.replace(
             target_modules=mapped
         ), f"{', '.join(targets)} mapped by role to {inv.spec.model_id}'s names"
-    mapped, _ = settings_on_model(settings, strategy, inv)
-    return mapped, f"{', '.join(targets)} mapped to {strategy} on {inv.spec.model_id}"
+    on_model, _ = settings_on_model(settings, strategy, inv)
+    return on_model, f"{', '.join(targets)} mapped to {strategy} on {inv.spec.model_id}"
 
 
 _LLAMA_ROLES = {
@@ -292,13 +301,8 @@ def count_search_space(model, priority: str = "balanced") -> pd.DataFrame:
     from lora_core.models import as_inventory
 
     inv = as_inventory(model)
-    # Labels in the article's order ("q+k+v+o"): LoraSettings sorts target_modules.
-    labels = {
-        frozenset(written): "+".join(t.split("_")[0] for t in written)
-        for written in SEARCH_SPACES[priority]["target_sets"]
-    }
     rows = []
-    for index, settings in enumerate(search_space(priority)):
+    for index, (label, settings) in enumerate(_search_space_entries(priority)):
         adapted, note = adapt_to_model(settings, inv)
         result = count_lora_params(inv, adapted)
         rows.append(
@@ -306,7 +310,7 @@ def count_search_space(model, priority: str = "balanced") -> pd.DataFrame:
                 "config": index,
                 "r": adapted.r,
                 "lora_alpha": adapted.lora_alpha,
-                "target_set": labels[frozenset(settings.target_modules)],
+                "target_set": label,
                 "targets": describe_targets(adapted.target_modules, adapted.target_parameters),
                 "lora_dropout": adapted.lora_dropout,
                 "trainable_params": result.trainable_params,
