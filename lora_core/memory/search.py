@@ -80,14 +80,14 @@ def strategy_table(
 ) -> pd.DataFrame:
     """The estimate for each target-module strategy mapped onto the model, side by side: its
     trainable parameters, required GiB, and the largest batch that fits each GPU size."""
-    from lora_core.strategies import STRATEGIES, StrategyError, resolve_strategy
+    from lora_core.strategies import STRATEGIES, StrategyError, settings_on_model
 
     inv = as_inventory(model)
     rows: list[dict[str, object]] = []
     for name in STRATEGIES:
         try:
-            targets = resolve_strategy(inv, name)
-            strategy_settings = targets.apply(settings.replace(rank_pattern={}, alpha_pattern={}))
+            # per-module patterns name the sidebar's own targets, not the strategy's
+            strategy_settings, _ = settings_on_model(settings.replace(rank_pattern={}, alpha_pattern={}), name, inv)
             count = count_lora_params(inv, strategy_settings)
         except (StrategyError, ValueError) as error:
             rows.append({"strategy": name, "error": str(error)})
