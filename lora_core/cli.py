@@ -345,7 +345,10 @@ def _cmd_memory(args: argparse.Namespace) -> int:
         print(json.dumps(payload, indent=2))
         return 0
     table = estimate.table()
-    table["GiB"] = table["GiB"].map(lambda v: f"{v:8.3f}")
+    width = int(table["term"].str.len().max())
+    # formulas left-aligned after the figures: right-aligned, a long one pushed every other off screen
+    terms = [f"{'term':>{width}}       GiB  formula"]
+    terms += [f"{row.term:>{width}}  {row.GiB:8.3f}  {row.formula}" for row in table.itertuples()]
     lines = [
         f"model       {estimate.model_id}",
         f"setup       batch {setup.batch_size} x seq {setup.seq_len}, {setup.dtype}"
@@ -354,7 +357,7 @@ def _cmd_memory(args: argparse.Namespace) -> int:
         + f", {setup.optimizer}, {setup.attention}, {setup.device}",
         f"trainable   {count.trainable_params:,}",
         "",
-        table[["term", "GiB", "formula"]].to_string(index=False),
+        *terms,
         "",
         f"peak ({estimate.phase})  {estimate.peak_bytes / GIB:.2f} GiB"
         + ("  (max_memory_allocated)" if setup.device == "cuda" else "  (peak RSS)"),
