@@ -54,8 +54,9 @@ def plain_trainer(config: TrainConfig) -> float:
             times.append(time.perf_counter())
             tokens.append(state.num_input_tokens_seen)
 
+    scratch = tempfile.TemporaryDirectory(prefix="bench-train-")
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(),
+        output_dir=scratch.name,
         max_steps=config.steps,
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
@@ -71,9 +72,10 @@ def plain_trainer(config: TrainConfig) -> float:
         seed=config.seed,
         data_seed=config.seed,
     )
-    Trainer(
-        model=peft_model, args=args, train_dataset=data, data_collator=collator(tokenizer), callbacks=[Clock()]
-    ).train()
+    with scratch:
+        Trainer(
+            model=peft_model, args=args, train_dataset=data, data_collator=collator(tokenizer), callbacks=[Clock()]
+        ).train()
     return steady_rate(times, tokens)
 
 
