@@ -19,6 +19,8 @@ from typing import Any, NoReturn, cast
 
 from lora_core import options
 from lora_core.errors import InputError, one_line
+from lora_core.export import FORMATS
+from lora_core.strategies import SEARCH_SPACES
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -91,7 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="the config as PEFT JSON, full JSON, Axolotl, LLaMA-Factory or Python")
     export.add_argument("--model", required=True)
     export.add_argument("--lora", help="adapter_config.json (or a full JSON export) to start from")
-    export.add_argument("--format", choices=("peft", "json", "axolotl", "llamafactory", "python"), default="peft")
+    export.add_argument("--format", choices=FORMATS, default="peft")
     _add_settings_flags(export)
     export.set_defaults(handler=_cmd_export)
 
@@ -143,7 +145,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     search = commands.add_parser("search", help="the article's search spaces counted on a model")
     search.add_argument("--model", required=True)
-    search.add_argument("--space", choices=("efficiency", "balanced", "thorough"), default="balanced")
+    search.add_argument("--space", choices=tuple(SEARCH_SPACES), default="balanced")
     search.add_argument("--json", action="store_true")
     search.set_defaults(handler=_cmd_search)
     return parser
