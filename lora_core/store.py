@@ -21,7 +21,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +78,10 @@ CREATE TABLE IF NOT EXISTS metrics (
     elapsed REAL,
     PRIMARY KEY (run_id, kind, step)
 );
+-- Every index entry ends with the row's rowid, which grows with each write: one run's rows written
+-- since a poll are one range of this index, however many runs and rows the store holds.
+CREATE INDEX IF NOT EXISTS metrics_by_run ON metrics(run_id);
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status);
 """
 
 _ADDED_COLUMNS = {
@@ -264,21 +268,41 @@ class Store:
             row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         return _decode(row) if row else None
 
-    def runs(self) -> pd.DataFrame:
-        """Every run, newest first."""
+    def runs(self, run_ids: Iterable[int] | None = None) -> pd.DataFrame:
+        """Every run, or those of `run_ids` that exist, newest first."""
         self._check_owners_if_due()
         with closing(self._connect()) as db:
-            frame = pd.read_sql_query("SELECT * FROM runs ORDER BY id DESC", db)
-        return frame
+            if run_ids is None:
+                return pd.read_sql_query("SELECT * FROM runs ORDER BY id DESC", db)
+            ids = tuple(run_ids)
+            query = f"SELECT * FROM runs WHERE id IN ({_marks(len(ids))}) ORDER BY id DESC"
+            return pd.read_sql_query(query, db, params=ids)
 
     def metrics(self, run_ids: list[int] | None = None) -> pd.DataFrame:
         """Metric rows of the given runs (all when None), ordered by run, kind, step."""
         with closing(self._connect()) as db:
             if run_ids is None:
                 return pd.read_sql_query("SELECT * FROM metrics ORDER BY run_id, kind, step", db)
-            marks = ",".join("?" * len(run_ids)) or "NULL"
-            query = f"SELECT * FROM metrics WHERE run_id IN ({marks}) ORDER BY run_id, kind, step"
+            query = f"SELECT * FROM metrics WHERE run_id IN ({_marks(len(run_ids))}) ORDER BY run_id, kind, step"
             return pd.read_sql_query(query, db, params=tuple(run_ids))
+
+    def metrics_since(self, after: Mapping[int, int]) -> pd.DataFrame:
+        """The metric rows written since a reader last looked: for each run id in `after`, the rows
+        whose `seq` is above after[run_id] (0 for all of that run's rows), ordered by `seq`.
+
+        `seq` (the row's SQLite rowid) grows with every write, and a point written again (same run,
+        kind and step) comes back with a new one, so a reader that keeps each run's largest `seq`
+        sees every change once. Each run costs one index range, whatever the store's size."""
+        if not after:
+            return _no_new_metrics()
+        wanted = ", ".join("(?, ?)" for _ in after)
+        query = (
+            f"WITH wanted(run_id, after) AS (VALUES {wanted}) SELECT metrics.rowid AS seq, metrics.* FROM wanted"
+            " JOIN metrics ON metrics.run_id = wanted.run_id AND metrics.rowid > wanted.after ORDER BY seq"
+        )
+        params = tuple(value for run_id, seq in after.items() for value in (int(run_id), int(seq)))
+        with closing(self._connect()) as db:
+            return pd.read_sql_query(query, db, params=params)
 
     def rename(self, run_id: int, name: str) -> None:
         name = name.strip()
@@ -469,6 +493,18 @@ def _decode(row: sqlite3.Row) -> dict:
     return data
 
 
+def _no_new_metrics() -> pd.DataFrame:
+    """What `metrics_since` returns when nothing is new: its columns, no rows."""
+    frame = _empty_frame("metrics")
+    frame.insert(0, "seq", pd.Series(dtype="int64"))
+    return frame
+
+
+def _marks(count: int) -> str:
+    """`count` SQL placeholders for an IN list; NULL (matching nothing) for none."""
+    return ",".join("?" * count) or "NULL"
+
+
 def _empty_frame(table: str) -> pd.DataFrame:
     """`table` with no rows, with the columns a real store's read returns."""
     with closing(sqlite3.connect(":memory:")) as db:
@@ -511,11 +547,14 @@ class NullStore:
     def run(self, run_id: int) -> dict | None:
         return None
 
-    def runs(self) -> pd.DataFrame:
+    def runs(self, run_ids: Iterable[int] | None = None) -> pd.DataFrame:
         return _empty_frame("runs")
 
     def metrics(self, run_ids: list[int] | None = None) -> pd.DataFrame:
         return _empty_frame("metrics")
+
+    def metrics_since(self, after: Mapping[int, int]) -> pd.DataFrame:
+        return _no_new_metrics()
 
     def rename(self, run_id: int, name: str) -> None:
         return None

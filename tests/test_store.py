@@ -423,3 +423,122 @@ def test_owners_recorded_in_another_pid_namespace_are_left_alone(tmp_path) -> No
     assert store.run(run_id)["status"] == "running" and scratch.is_dir()
     store.update_run(run_id, owner_host=HOST)  # the same dead pid recorded here is stranded
     assert store.mark_orphans_interrupted() == 1 and store.run(run_id)["status"] == "interrupted"
+
+
+# 6. What a live view reads: only what changed, only for the runs it shows
+
+
+def points(frame) -> list[tuple[int, str, int, float]]:
+    return [(int(r.run_id), r.kind, int(r.step), float(r.loss)) for r in frame.itertuples()]
+
+
+def test_metrics_since_returns_exactly_the_rows_written_after_each_runs_cursor(tmp_path) -> None:
+    store = Store.open(tmp_path)
+    a, b, other = (store.create_run(name, "m", "d", {}, {}, owner="cli") for name in "abc")
+    for step in (1, 2):
+        for run_id in (a, b, other):
+            store.add_metric(run_id, "train", step, loss=float(10 * run_id + step))
+    first = store.metrics_since({a: 0, b: 0})
+    assert points(first) == [(a, "train", 1, 11.0), (b, "train", 1, 21.0), (a, "train", 2, 12.0), (b, "train", 2, 22.0)]
+    assert first["seq"].is_monotonic_increasing and first["seq"].is_unique
+    after = {run_id: int(rows["seq"].max()) for run_id, rows in first.groupby("run_id")}
+    assert store.metrics_since(after).empty  # nothing new: nothing read
+    store.add_metric(a, "train", 3, loss=13.0)
+    store.add_metric(other, "train", 3, loss=33.0)
+    store.add_metric(b, "eval", 2, loss=2.5)
+    store.add_metric(a, "train", 2, loss=12.5)  # a point written again comes back with its new value
+    assert points(store.metrics_since(after)) == [(a, "train", 3, 13.0), (b, "eval", 2, 2.5), (a, "train", 2, 12.5)]
+    assert points(store.metrics_since({b: after[b]})) == [(b, "eval", 2, 2.5)]
+    assert sorted(points(store.metrics_since({a: 0}))) == points(store.metrics([a]))  # one row per point
+    assert list(store.metrics_since({})) == list(first) and NullStore().metrics_since({a: 0}).empty
+
+
+def test_a_followed_run_keeps_its_new_rows_after_newer_rows_of_another_run_are_deleted(tmp_path) -> None:
+    """SQLite hands out the largest rowid + 1: deleting the newest rows lowers it, yet a run's own
+    rows are still there, so its next row still comes after its cursor."""
+    store = Store.open(tmp_path)
+    followed, deleted = (store.create_run(name, "m", "d", {}, {}, owner="cli") for name in "ab")
+    store.add_metric(followed, "train", 1, loss=1.0)
+    cursor = int(store.metrics_since({followed: 0})["seq"].max())
+    for step in range(1, 50):
+        store.add_metric(deleted, "train", step, loss=2.0)
+    store.update_run(deleted, status="completed")
+    store.delete(deleted)
+    store.add_metric(followed, "train", 2, loss=0.5)
+    assert points(store.metrics_since({followed: cursor})) == [(followed, "train", 2, 0.5)]
+
+
+def test_runs_by_id_returns_those_that_exist_newest_first(tmp_path) -> None:
+    store = Store.open(tmp_path)
+    ids = [store.create_run(f"run {i}", "m", "d", {}, {}, owner="cli") for i in range(4)]
+    assert store.runs([ids[0], ids[2], 999])["id"].tolist() == [ids[2], ids[0]]
+    assert store.runs([]).empty and list(store.runs([])) == list(store.runs())
+
+
+def big_store(path: Path, runs: int = 3000, steps: int = 60) -> Store:
+    """A store with `runs` finished runs of `steps` train points each, written directly (fast)."""
+    store = Store.open(path)
+    with sqlite3.connect(store.path) as db:
+        db.executemany(
+            "INSERT INTO runs (name, status, model, dataset, settings, config, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(f"run {i}", "completed", "m", "d", "{}", "{}", 0.0) for i in range(runs)],
+        )
+        db.executemany(
+            "INSERT INTO metrics (run_id, kind, step, loss) VALUES (?, 'train', ?, 1.0)",
+            [(run_id, step) for run_id in range(1, runs + 1) for step in range(steps)],
+        )
+    return store
+
+
+def plans_of_one_poll(store: Store, monkeypatch, shown: list[int], after: dict[int, int]) -> dict[str, list[str]]:
+    """Every statement a live view's poll runs (active runs, the rows of the runs shown, their new
+    points, and the periodic owner check), each with its query plan's lines."""
+    statements: list[str] = []
+    connect = Store._connect
+
+    def traced(self):
+        db = connect(self)
+        db.set_trace_callback(statements.append)
+        return db
+
+    monkeypatch.setattr(Store, "_connect", traced)
+    monkeypatch.setitem(store_module._last_owner_check, store.data_dir, float("-inf"))  # the check is due
+    store.active_run_ids(), store.runs(shown), store.metrics_since(after)
+    monkeypatch.setattr(Store, "_connect", connect)
+    plans = {}
+    with sqlite3.connect(store.path) as db:
+        for sql in statements:
+            if sql.lstrip().upper().startswith(("SELECT", "WITH")):
+                plans[sql] = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")]
+    return plans
+
+
+def full_scans(plans: dict[str, list[str]]) -> list[str]:
+    return [
+        f"{line} <- {sql[:80]}"
+        for sql, lines in plans.items()
+        for line in lines
+        if re.match(r"SCAN (runs|metrics)\b", line)
+    ]
+
+
+def test_a_poll_reads_through_indexes_whatever_the_store_holds(tmp_path, monkeypatch) -> None:
+    """3,000 runs and 180,000 points: no statement of a poll scans a table, and the new points of
+    each run shown are one range (run_id, rowid > cursor) of an index, not all of that run's rows."""
+    store = big_store(tmp_path)
+    running = store.create_run("live", "m", "d", {}, {}, owner="cli")
+    store.update_run(running, status="running", owner_pid=os.getpid())
+    store.add_metric(running, "train", 1, loss=1.0)
+    plans = plans_of_one_poll(store, monkeypatch, [running, 7], {running: 5, 7: 0})
+    assert len(plans) >= 4, plans  # the owner check, active runs, the runs shown, their new points
+    assert full_scans(plans) == [], full_scans(plans)
+    since = next(lines for sql, lines in plans.items() if "rowid >" in sql)
+    assert any(re.search(r"SEARCH metrics USING INDEX \w+ \(run_id=\? AND rowid>\?\)", line) for line in since), since
+    # the check bites: without the store's indexes the same poll scans
+    with sqlite3.connect(store.path) as db:
+        db.execute("DROP INDEX metrics_by_run")
+        db.execute("DROP INDEX runs_by_status")
+    unindexed = plans_of_one_poll(store, monkeypatch, [running, 7], {running: 5, 7: 0})
+    assert any("SCAN runs" in line for line in full_scans(unindexed)), unindexed
+    since = next(lines for sql, lines in unindexed.items() if "rowid >" in sql)
+    assert not any("rowid>?" in line for line in since), since
