@@ -17,6 +17,7 @@ from lora_core.adapters import adapter_zip, effective_ranks
 from lora_core.datasets import BUILTIN_TASKS, hub_dataset_id, parse_upload
 from lora_core.errors import InputError
 from lora_core.models import local_model_roots
+from lora_core.store import ACTIVE
 from lora_core.strategies import settings_on_model
 from lora_core.training import EMBEDDED, TrainConfig, memory_setup
 from pages.common import Upload, file_upload, page_state, read_upload, run_manager, sidebar_strategy
@@ -24,6 +25,9 @@ from pages.common import Upload, file_upload, page_state, read_upload, run_manag
 EMBEDDED_CONFIG = "HuggingFaceTB/SmolLM2-135M"  # same architecture and shapes as the embedded Instruct model
 UPLOAD, HUB = "Upload JSONL/CSV", "Hub dataset id"
 MAX_NAME_CHARS = 200
+# A poll reads at most these runs, however many the store holds: the curves drawn at once, and the
+# active runs given a progress bar (the rest of a long queue is counted).
+MAX_SHOWN, MAX_PROGRESS = 20, 8
 
 state = page_state()
 manager = run_manager()
@@ -179,14 +183,30 @@ if submitted:
         )
 
 
-def progress_panel(runs: pd.DataFrame, metrics: pd.DataFrame) -> None:
-    active = runs[runs["status"].isin(["queued", "running"])]
+def followed(run_ids: list[int]) -> dict[int, tuple[int, pd.DataFrame | None]]:
+    """Each run's newest `seq` (0 before any point) and its metric rows (None before any). They are
+    held in this session and topped up with only the rows written since the last poll: one index
+    range per run, whatever the store holds. Runs not asked for are dropped, so a session holds
+    only what it shows."""
+    held = st.session_state.get("lx_live_metrics", {})
+    held = {run_id: held.get(run_id, (0, None)) for run_id in run_ids}
+    new = store.metrics_since({run_id: seq for run_id, (seq, _) in held.items()})
+    for run_id, rows in new.groupby("run_id"):
+        frame = rows if held[run_id][1] is None else pd.concat([held[run_id][1], rows])
+        frame = frame.drop_duplicates(["kind", "step"], keep="last").sort_values(["kind", "step"])
+        held[run_id] = (int(rows["seq"].max()), frame)
+    st.session_state["lx_live_metrics"] = held
+    return held
+
+
+def progress_panel(active: pd.DataFrame, metrics: dict[int, pd.DataFrame], not_shown: int) -> None:
     for _, run in active.iterrows():
-        train = metrics[(metrics["run_id"] == run["id"]) & (metrics["kind"] == "train")]
+        points = metrics.get(run["id"])
+        train = points[points["kind"] == "train"] if points is not None else points
         total = int(json.loads(run["config"])["steps"])
-        done = int(train["step"].max()) if len(train) else 0
-        elapsed = float(train["elapsed"].max()) if len(train) else 0.0
-        rate = float(train["tokens_per_s"].tail(5).mean()) if len(train) else 0.0
+        done = int(train["step"].max()) if train is not None and len(train) else 0
+        elapsed = float(train["elapsed"].max()) if done else 0.0
+        rate = float(train["tokens_per_s"].tail(5).mean()) if done else 0.0
         per_step = elapsed / done if done else 0.0
         cols = st.columns([4, 1])
         label = f"Run {run['id']} {run['status']}: step {done}/{total}"
@@ -195,18 +215,24 @@ def progress_panel(runs: pd.DataFrame, metrics: pd.DataFrame) -> None:
         cols[0].progress(min(done / total, 1.0), text=label)
         if cols[1].button("Cancel", key=f"lx_cancel_{run['id']}"):
             manager.cancel(int(run["id"]))
+    if not_shown > 0:
+        st.caption(f"and {not_shown:,} more runs queued or running")
 
 
-def loss_chart(runs: pd.DataFrame, metrics: pd.DataFrame, chosen: list[int]) -> None:
+def loss_figure(labels: dict[int, str], metrics: dict[int, pd.DataFrame], seqs: dict[int, int]) -> go.Figure:
+    """The overlaid loss curves of the runs in `labels`. Built again only when a point, a label or
+    an axis changed: a poll with nothing new sends the same figure, which the browser keeps as drawn."""
     x_axis = st.session_state.get("lx_train_x", "steps")
     log_y = st.session_state.get("lx_train_log", False)
+    key = (x_axis, log_y, tuple((run_id, label, seqs[run_id]) for run_id, label in labels.items()))
+    cached = st.session_state.get("lx_live_figure")
+    if cached is not None and cached[0] == key:
+        return cached[1]
     figure = go.Figure()
-    for run_id in chosen:
-        name = runs.loc[runs["id"] == run_id, "name"]
-        label = f"{run_id}: {name.iloc[0]}" if len(name) else str(run_id)
+    for run_id, label in labels.items():
         for kind, dash in (("train", None), ("eval", "dash")):
-            points = metrics[(metrics["run_id"] == run_id) & (metrics["kind"] == kind)]
-            if points.empty:
+            points = metrics[run_id][metrics[run_id]["kind"] == kind] if run_id in metrics else None
+            if points is None or points.empty:
                 continue
             x = points["step"] if x_axis == "steps" else points["tokens"]
             figure.add_trace(
@@ -222,29 +248,43 @@ def loss_chart(runs: pd.DataFrame, metrics: pd.DataFrame, chosen: list[int]) -> 
         height=440,
         legend={"orientation": "h", "y": -0.25},
     )
-    st.plotly_chart(figure, key="lx_train_chart")
+    st.session_state["lx_live_figure"] = (key, figure)
+    return figure
 
 
-def live() -> None:
-    runs = store.runs()
-    metrics = store.metrics(runs["id"].tolist()) if len(runs) else store.metrics([])
-    progress_panel(runs, metrics)
-    chosen = [r for r in st.session_state.get("lx_overlay", []) if r in set(runs["id"])]
-    if chosen:
-        loss_chart(runs, metrics, chosen)
-    elif len(runs):
+def live(polling: bool, any_runs: bool) -> None:
+    """The progress bars and the loss curves: what the fragment redraws each poll. A poll reads the
+    rows of the runs it shows (picked, and the first active ones) and only their points written
+    since the last poll, so its work does not grow with the store."""
+    active_ids = store.active_run_ids()
+    picked = st.session_state.get("lx_overlay", [])
+    runs = store.runs(list(dict.fromkeys([*picked[:MAX_SHOWN], *active_ids[:MAX_PROGRESS]])))
+    held = followed(runs["id"].tolist())
+    metrics = {run_id: frame for run_id, (_, frame) in held.items() if frame is not None}
+    active = runs[runs["status"].isin(ACTIVE)]
+    progress_panel(active, metrics, len(active_ids) - len(active))
+    if polling and not active_ids:
+        st.rerun()  # the last active run ended: the full page shows how, and the polling stops
+    names = dict(zip(runs["id"], runs["name"]))
+    labels = {run_id: f"{run_id}: {names[run_id]}" for run_id in picked[:MAX_SHOWN] if run_id in names}
+    if labels:
+        seqs = {run_id: seq for run_id, (seq, _) in held.items()}
+        st.plotly_chart(loss_figure(labels, metrics, seqs), key="lx_train_chart")
+        if len(picked) > MAX_SHOWN:
+            st.caption(f"The first {MAX_SHOWN} of the {len(picked)} runs picked are drawn.")
+    elif any_runs:
         st.info("Pick runs below to overlay their loss curves.")
 
 
-active_now = bool(len(runs_now := store.runs())) and runs_now["status"].isin(["queued", "running"]).any()
+runs = store.runs()
+active_now = bool(runs["status"].isin(ACTIVE).any())
 st.subheader("Loss curves")
 col1, col2 = st.columns(2)
 col1.radio("x axis", ["steps", "tokens"], horizontal=True, key="lx_train_x")
 col2.toggle("Log scale", key="lx_train_log")
-st.fragment(run_every=1.0 if active_now else None)(live)()
+st.fragment(run_every=1.0 if active_now else None)(live)(active_now, not runs.empty)
 
 st.subheader("Runs")
-runs = runs_now
 if runs.empty:
     st.caption("No runs yet: press Start.")
     st.stop()

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 from tiny_model import build_tiny_causal_lm
+
+from lora_core.store import Store
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -42,11 +47,15 @@ def start(at: AppTest, model: Path, steps: int) -> None:
 
 
 def chart_points(at: AppTest) -> int:
-    import json
-
+    """Points on the drawn train curves (plotly sends numpy arrays as typed base64 buffers)."""
     charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     train = [t for c in charts for t in c["data"] if t.get("name", "").endswith("(train)")]
-    return sum(len(t["x"]["bdata"]) if isinstance(t["x"], dict) else len(t["x"]) for t in train)
+    return sum(
+        np.frombuffer(base64.b64decode(t["x"]["bdata"]), t["x"]["dtype"]).size
+        if isinstance(t["x"], dict)
+        else len(t["x"])
+        for t in train
+    )
 
 
 def runs_table(at: AppTest):
@@ -180,3 +189,84 @@ def test_model_path_outside_the_roots_is_refused_before_a_run(
         messages.append(not_started(page)[0].replace(path, "PATH"))
     assert len(set(messages)) == 1 and "limited to" in messages[0], messages
     assert statuses(page) == []
+
+
+# --- the live view: a poll reads only what changed, for the runs shown ----------------------------
+
+
+@pytest.fixture
+def reads(monkeypatch) -> list[tuple[str, object, int]]:
+    """Every metrics read of the store: (method, what was asked, rows returned)."""
+    calls: list[tuple[str, object, int]] = []
+    for name in ("metrics", "metrics_since"):
+        original = getattr(Store, name)
+
+        def spy(self, *args, _name=name, _original=original):
+            frame = _original(self, *args)
+            calls.append((_name, args[0] if args else None, len(frame)))
+            return frame
+
+        monkeypatch.setattr(Store, name, spy)
+    return calls
+
+
+def running_run(store: Store, name: str, train_points: int) -> int:
+    """A run this test process owns (so no worker claims it and no reader marks it stranded)."""
+    run_id = store.create_run(name, "m", "reverse_list", {}, {"steps": 100}, owner="cli")
+    store.update_run(run_id, status="running", owner_pid=os.getpid())
+    for step in range(1, train_points + 1):
+        store.add_metric(run_id, "train", step, loss=3.0 / step, tokens=64 * step, tokens_per_s=100.0, elapsed=step)
+    return run_id
+
+
+def finished_runs(store: Store, count: int) -> list[int]:
+    ids = []
+    for i in range(count):
+        run_id = store.create_run(f"old {i}", "m", "reverse_list", {}, {"steps": 5}, owner="cli")
+        for step in range(1, 6):
+            store.add_metric(run_id, "train", step, loss=1.0)
+        store.update_run(run_id, status="completed")
+        ids.append(run_id)
+    return ids
+
+
+def test_a_poll_reads_only_the_new_points_of_the_runs_shown(page: AppTest, tmp_path: Path, reads) -> None:
+    store = Store.open(tmp_path / "data")
+    finished_runs(store, 30)
+    watched = running_run(store, "watched", 3)
+    page.run()
+    page.multiselect(key="lx_overlay_picker").set_value([watched]).run()
+    assert not page.exception, page.exception
+    assert chart_points(page) == 3
+    assert any(f"Run {watched} running: step 3/100" in p.proto.text for p in page.get("progress"))
+    # the 30 finished runs are never read; the running one in full once (its progress bar), then its new points
+    assert [(name, set(asked)) for name, asked, _ in reads] == [("metrics_since", {watched})] * len(reads)
+    assert reads[0][1] == {watched: 0} and sum(rows for *_, rows in reads) == 3, reads
+    for step in (4, 5):
+        store.add_metric(watched, "train", step, loss=3.0 / step, tokens=64 * step, tokens_per_s=100.0, elapsed=step)
+    reads.clear()
+    page.run()
+    assert chart_points(page) == 5
+    (name, asked, rows), *_ = reads
+    assert name == "metrics_since" and rows == 2 and asked[watched] > 0, reads  # the two new points, nothing else
+    figure = page.session_state["lx_live_figure"][1]
+    reads.clear()
+    page.run()  # nothing new
+    assert reads and all(name == "metrics_since" and rows == 0 for name, _, rows in reads), reads
+    assert page.session_state["lx_live_figure"][1] is figure  # not built again
+    assert chart_points(page) == 5
+
+
+def test_a_poll_reads_at_most_the_runs_it_draws(page: AppTest, tmp_path: Path, reads) -> None:
+    store = Store.open(tmp_path / "data")
+    picked = [*finished_runs(store, 30), running_run(store, "watched", 2)]
+    page.run()
+    page.multiselect(key="lx_overlay_picker").set_value(picked).run()
+    assert not page.exception, page.exception
+    caption = next(c.value for c in page.caption if "runs picked are drawn" in c.value)
+    drawn = int(re.search(r"The first (\d+) of the 31 runs picked", caption)[1])
+    assert 1 <= drawn < len(picked)
+    traces = [t for c in page.get("plotly_chart") for t in json.loads(c.proto.spec)["data"]]
+    assert len(traces) == drawn
+    assert all(len(asked) <= drawn + 1 for name, asked, _ in reads if name == "metrics_since"), reads
+    assert not [r for r in reads if r[0] == "metrics"], reads
