@@ -28,6 +28,10 @@ MAX_NAME_CHARS = 200
 # A poll reads at most these runs, however many the store holds: the curves drawn at once, and the
 # active runs given a progress bar (the rest of a long queue is counted).
 MAX_SHOWN, MAX_PROGRESS = 20, 8
+# Seconds between polls while a run is active. Each poll costs the watching browser a redraw (and a
+# new plotly chart when a point came), CPU that a run on the same machine would train with; a step
+# on the CPU takes about that long anyway (bench/bench_live.py measures both sides).
+POLL_SECONDS = 2.0
 
 state = page_state()
 manager = run_manager()
@@ -282,7 +286,7 @@ st.subheader("Loss curves")
 col1, col2 = st.columns(2)
 col1.radio("x axis", ["steps", "tokens"], horizontal=True, key="lx_train_x")
 col2.toggle("Log scale", key="lx_train_log")
-st.fragment(run_every=1.0 if active_now else None)(live)(active_now, not runs.empty)
+st.fragment(run_every=POLL_SECONDS if active_now else None)(live)(active_now, not runs.empty)
 
 st.subheader("Runs")
 if runs.empty:

@@ -166,7 +166,7 @@ def test_short_fine_tuning_run_draws_points(server, page, tiny_model) -> None:
     page.wait_for_function(
         "() => document.body.innerText.includes('queued') || document.body.innerText.includes('Run 1')", timeout=30_000
     )
-    # the fragment redraws every second: wait until a drawn loss line has more than 3 points
+    # the fragment redraws every poll (pages/finetune.py POLL_SECONDS): wait until a drawn loss line has more than 3 points
     page.wait_for_function(
         "() => [...document.querySelectorAll('[data-testid=stPlotlyChart] .scatterlayer path.js-line')]"
         ".some(line => (line.getAttribute('d') || '').split('L').length > 4)",
