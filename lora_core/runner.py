@@ -133,25 +133,54 @@ class RunManager:
 
 def worker_main(data_dir: str, parent_pid: int, ready_file: str) -> None:
     """The child: warm up the heavy imports, then train queued runs (oldest first, claimed
-    atomically in the store) until the parent process is gone."""
+    atomically in the store) until the parent process is gone. The base model stays loaded while
+    the next queued run trains the same one (an experiment's trials), and is dropped when the
+    queue is empty, so an idle worker holds no model. A trial of a Ray experiment hands the whole
+    experiment to a Ray Tune driver here."""
     import torch  # noqa: F401 - warm-up so the first run starts at once
     import transformers  # noqa: F401
     from peft import get_peft_model  # noqa: F401
     from transformers import Trainer  # noqa: F401
 
-    from lora_core.training import run_training
+    from lora_core.training import BaseModels, run_training
 
     store = Store.open(data_dir)
     Path(ready_file).write_text(str(os.getpid()))
     parent_started = process_started(parent_pid)  # so that a new process given the pid is not taken for it
+    models = BaseModels()
     while process_alive(parent_pid, parent_started):
         run = store.claim_next(watcher_pid=parent_pid)
         if run is None:
+            models.clear()
             time.sleep(0.2)
+            continue
+        experiment = store.experiment(run["experiment_id"]) if run.get("experiment_id") else None
+        if experiment is not None and experiment["runner"] == "ray":
+            models.clear()
+            _drive_on_ray(store, experiment)
             continue
         config = TrainConfig(**run["config"])
         settings = LoraSettings.from_peft_dict(run["settings"])
-        run_training(store, run["id"], config, settings, StoreCancel(store, run["id"]))
+        run_training(store, run["id"], config, settings, StoreCancel(store, run["id"]), base_models=models)
+        following = store.next_queued()
+        models.keep_only(following["model"] if following else None)
+
+
+def _drive_on_ray(store: Store, experiment: dict) -> None:
+    """Run a Ray experiment's trials through Ray Tune from this worker (the driver), at the
+    address its spec names; a driver that cannot start fails the trials with the reason."""
+    from lora_core.errors import one_line
+
+    try:
+        from lora_core.experiments.ray_tune import run_on_ray
+
+        run_on_ray(store, int(experiment["id"]), experiment["spec"].get("ray_address") or "auto")
+    except Exception as error:  # a missing ray, an unreachable cluster: the trials say why
+        reason = f"Ray: {one_line(error)}"
+        for run_id in store.experiment_runs(int(experiment["id"]))["id"]:
+            run = store.run(int(run_id))
+            if run and run["status"] in ("queued", "running"):
+                store.update_run(int(run_id), status="failed", error=reason, finished=time.time())
 
 
 class StoreCancel:

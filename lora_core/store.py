@@ -64,7 +64,23 @@ CREATE TABLE IF NOT EXISTS runs (
     owner_started INTEGER,
     owner_host TEXT,
     watcher_pid INTEGER,
-    watcher_started INTEGER
+    watcher_started INTEGER,
+    experiment_id INTEGER,
+    trial TEXT,
+    trained_by TEXT
+);
+-- An experiment groups its trials, which are ordinary runs (runs.experiment_id); its status is
+-- derived from theirs, so it can never disagree with them.
+CREATE TABLE IF NOT EXISTS experiments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    model TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    runner TEXT NOT NULL DEFAULT 'local',
+    created REAL NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    error TEXT
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -83,6 +99,8 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE INDEX IF NOT EXISTS metrics_by_run ON metrics(run_id);
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status);
 """
+# Made after the added columns exist: an older store's runs table gains experiment_id first.
+_LATE_INDEXES = "CREATE INDEX IF NOT EXISTS runs_by_experiment ON runs(experiment_id);"
 
 _ADDED_COLUMNS = {
     "memory_estimate_mb": "REAL",
@@ -92,12 +110,17 @@ _ADDED_COLUMNS = {
     "owner_host": "TEXT",
     "watcher_pid": "INTEGER",
     "watcher_started": "INTEGER",
+    "experiment_id": "INTEGER",
+    "trial": "TEXT",
+    "trained_by": "TEXT",
 }
 
 # Who trains a run: a server's background worker, which claims queued runs, or the process that
 # created the run (the CLI), which no worker may claim.
 WORKER, CLI = "worker", "cli"
 OWNERS = (WORKER, CLI)
+# Where an experiment's trials train: the server's worker / the CLI process, or Ray Tune.
+RUNNERS = ("local", "ray")
 
 # Readers check the owners of active runs at most this often per store and process: the Fine-tune
 # page polls every second, and a check costs a query plus a /proc read per active run.
@@ -172,6 +195,7 @@ class Store:
                     except sqlite3.OperationalError as error:  # without a file lock, another process may add it first
                         if "duplicate column" not in str(error):
                             raise
+            db.executescript(_LATE_INDEXES)
 
     @property
     def path(self) -> Path:
@@ -213,16 +237,27 @@ class Store:
         with closing(self._connect()) as db, db:
             return db.execute(sql, params).lastrowid or 0
 
-    def create_run(self, name: str, model: str, dataset: str, settings: dict, config: dict, owner: str = WORKER) -> int:
+    def create_run(
+        self,
+        name: str,
+        model: str,
+        dataset: str,
+        settings: dict,
+        config: dict,
+        owner: str = WORKER,
+        experiment_id: int | None = None,
+        trial: dict | None = None,
+    ) -> int:
         """A new `queued` run owned, until someone claims it, by this process; returns its id.
         `owner` says who trains it: "worker" (a server's background worker claims it) or "cli"
-        (this process trains it itself, so no worker may claim it)."""
+        (this process trains it itself, so no worker may claim it). A trial of an experiment names
+        it and its grid values (`trial`)."""
         if owner not in OWNERS:
             raise ValueError(f"owner must be one of {', '.join(OWNERS)}, not {owner!r}")
         me = os.getpid()
         return self._write(
             "INSERT INTO runs (name, status, model, dataset, settings, config, created, owner, owner_pid, owner_started,"
-            " owner_host) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " owner_host, experiment_id, trial) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 name,
                 "queued",
@@ -235,8 +270,106 @@ class Store:
                 me,
                 process_started(me),
                 HOST,
+                experiment_id,
+                json.dumps(trial) if trial is not None else None,
             ),
         )
+
+    def create_experiment(self, name: str, model: str, dataset: str, spec: dict, runner: str = "local") -> int:
+        """A new experiment record (its trials are added with `create_run(experiment_id=...)`)."""
+        if runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, not {runner!r}")
+        return self._write(
+            "INSERT INTO experiments (name, model, dataset, spec, runner, created) VALUES (?,?,?,?,?,?)",
+            (name, model, dataset, json.dumps(spec), runner, time.time()),
+        )
+
+    def experiment(self, experiment_id: int) -> dict | None:
+        """One experiment with its spec decoded, its trials' counts by status and its derived status."""
+        frame = self.experiments([experiment_id])
+        if frame.empty:
+            return None
+        data = frame.iloc[0].to_dict()
+        data["spec"] = json.loads(data["spec"]) if data.get("spec") else {}
+        return data
+
+    def experiments(self, experiment_ids: Iterable[int] | None = None) -> pd.DataFrame:
+        """Every experiment (or those of `experiment_ids`), newest first, with columns `trials`,
+        one count per run status, `status` (queued, running, cancelling, completed, cancelled,
+        interrupted) and `finished` (when its last trial ended)."""
+        self._check_owners_if_due()
+        counts = ", ".join(f"SUM(r.status = '{status}') AS {status}" for status in (*ACTIVE, *FINISHED))
+        where = ""
+        params: tuple = ()
+        if experiment_ids is not None:
+            params = tuple(int(i) for i in experiment_ids)
+            where = f"WHERE e.id IN ({_marks(len(params))})"
+        query = (
+            f"SELECT e.*, COUNT(r.id) AS trials, {counts}, MAX(r.finished) AS finished FROM experiments e"
+            f" LEFT JOIN runs r ON r.experiment_id = e.id {where} GROUP BY e.id ORDER BY e.id DESC"
+        )
+        with closing(self._connect()) as db:
+            frame = pd.read_sql_query(query, db, params=params)
+        for status in (*ACTIVE, *FINISHED):
+            frame[status] = frame[status].fillna(0).astype(int)
+        frame["status"] = [_experiment_status(row) for row in frame.to_dict("records")]
+        return frame
+
+    def experiment_runs(self, experiment_id: int) -> pd.DataFrame:
+        """The trials of one experiment, in the order they were queued."""
+        self._check_owners_if_due()
+        with closing(self._connect()) as db:
+            return pd.read_sql_query(
+                "SELECT * FROM runs WHERE experiment_id = ? ORDER BY id", db, params=(int(experiment_id),)
+            )
+
+    def cancel_experiment(self, experiment_id: int) -> None:
+        """Stop an experiment: its queued trials are cancelled at once, the one training stops after
+        its current step."""
+        self._write("UPDATE experiments SET cancel_requested = 1 WHERE id = ?", (experiment_id,))
+        with closing(self._connect()) as db:
+            ids = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM runs WHERE experiment_id = ? AND status IN ('queued', 'running')", (experiment_id,)
+                )
+            ]
+        for run_id in ids:
+            self.request_cancel(run_id)
+
+    def experiment_cancel_requested(self, experiment_id: int) -> bool:
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT cancel_requested FROM experiments WHERE id = ?", (experiment_id,)).fetchone()
+        return bool(row and row[0])
+
+    def delete_experiment(self, experiment_id: int) -> None:
+        """Remove a finished experiment with its trials, their metrics and adapter files."""
+        runs = self.experiment_runs(experiment_id)
+        if runs["status"].isin(ACTIVE).any():
+            raise InputError(f"experiment {experiment_id} is still running: cancel it before deleting")
+        for run_id in runs["id"]:
+            self.delete(int(run_id))
+        self._write("DELETE FROM experiments WHERE id = ?", (experiment_id,))
+
+    def take_experiment_runs(self, experiment_id: int) -> list[int]:
+        """Make this process the owner of every queued trial of an experiment, as the CLI owns its
+        runs (no worker claims them; they are interrupted if this process dies): what a driver
+        that runs the trials elsewhere (Ray Tune) calls first. Returns their ids, oldest first."""
+        me = os.getpid()
+        with closing(self._connect()) as db, db:
+            db.execute("BEGIN IMMEDIATE")
+            ids = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM runs WHERE experiment_id = ? AND status IN ('queued', 'running') ORDER BY id",
+                    (experiment_id,),
+                )
+            ]
+            db.execute(
+                f"UPDATE runs SET owner = ?, owner_pid = ?, owner_started = ?, owner_host = ? WHERE id IN ({_marks(len(ids))})",
+                (CLI, me, process_started(me), HOST, *ids),
+            )
+        return ids
 
     def update_run(self, run_id: int, **fields: Any) -> None:
         """Set columns of one run (`status`, `error`, `final_eval_loss`, ...). Setting `owner_pid` or
@@ -350,6 +483,15 @@ class Store:
                 ),
             )
         return self.run(row[0])
+
+    def next_queued(self) -> dict | None:
+        """The run a worker would claim next (without claiming it), or None."""
+        with closing(self._connect()) as db:
+            row = db.execute(
+                "SELECT * FROM runs WHERE status = 'queued' AND COALESCE(owner, ?) = ? ORDER BY id LIMIT 1",
+                (WORKER, WORKER),
+            ).fetchone()
+        return _decode(row) if row else None
 
     def request_cancel(self, run_id: int) -> None:
         """Ask the owner to stop `run_id` after its current step; a queued run is cancelled at once,
@@ -488,9 +630,24 @@ def _retry_while_locked(action: Callable[[], _T], patience: float = 30.0) -> _T:
 
 def _decode(row: sqlite3.Row) -> dict:
     data = dict(row)
-    for key in ("settings", "config"):
+    for key in ("settings", "config", "trial"):
         data[key] = json.loads(data[key]) if data.get(key) else {}
     return data
+
+
+def _experiment_status(row: dict) -> str:
+    """An experiment's status from its trials' counts and its cancel flag."""
+    if row["running"] or row["queued"]:
+        if row["cancel_requested"]:
+            return "cancelling"
+        return "running" if row["running"] else "queued"
+    if row["cancel_requested"]:
+        return "cancelled"
+    if row["interrupted"]:
+        return "interrupted"
+    if row["failed"] and not row["completed"]:
+        return "failed"
+    return "completed"
 
 
 def _no_new_metrics() -> pd.DataFrame:
@@ -535,8 +692,42 @@ class NullStore:
     def clean_scratch(self) -> int:
         return 0
 
-    def create_run(self, name: str, model: str, dataset: str, settings: dict, config: dict, owner: str = WORKER) -> int:
+    def create_run(
+        self,
+        name: str,
+        model: str,
+        dataset: str,
+        settings: dict,
+        config: dict,
+        owner: str = WORKER,
+        experiment_id: int | None = None,
+        trial: dict | None = None,
+    ) -> int:
         return 0
+
+    def create_experiment(self, name: str, model: str, dataset: str, spec: dict, runner: str = "local") -> int:
+        return 0
+
+    def experiment(self, experiment_id: int) -> dict | None:
+        return None
+
+    def experiments(self, experiment_ids: Iterable[int] | None = None) -> pd.DataFrame:
+        return pd.DataFrame(columns=["id", "name", "model", "dataset", "spec", "runner", "created", "status", "trials"])
+
+    def experiment_runs(self, experiment_id: int) -> pd.DataFrame:
+        return _empty_frame("runs")
+
+    def cancel_experiment(self, experiment_id: int) -> None:
+        return None
+
+    def experiment_cancel_requested(self, experiment_id: int) -> bool:
+        return False
+
+    def delete_experiment(self, experiment_id: int) -> None:
+        return None
+
+    def take_experiment_runs(self, experiment_id: int) -> list[int]:
+        return []
 
     def update_run(self, run_id: int, **fields: Any) -> None:
         return None
@@ -563,6 +754,9 @@ class NullStore:
         return None
 
     def claim_next(self, watcher_pid: int | None = None) -> dict | None:
+        return None
+
+    def next_queued(self) -> dict | None:
         return None
 
     def request_cancel(self, run_id: int) -> None:

@@ -21,11 +21,12 @@ from lora_core.training.config import (
 from lora_core.training.data import check_dataset, collator, load_dataset
 from lora_core.training.errors import TrainingError, TrainSetupError
 from lora_core.training.memory import eval_batch_size, memory_setup, run_memory_estimate_mb
-from lora_core.training.run import RunResult, process_rank, run_training
+from lora_core.training.run import BaseModels, RunResult, process_rank, run_training
 
 __all__ = [
     "EMBEDDED",
     "MAX_STEPS",
+    "BaseModels",
     "RunResult",
     "TrainConfig",
     "TrainSetupError",

@@ -15,6 +15,9 @@ from lora_core.training.errors import TrainingError, TrainSetupError
 
 EMBEDDED = "embedded"
 MAX_STEPS = 100_000
+# Trackers a run can report to through Trainer's `report_to`, and the package each one needs.
+# (transformers takes tensorboard's own package or tensorboardX, which `ray[tune]` brings.)
+TRACKERS = {"mlflow": ("mlflow",), "tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,15 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # LoRA+ (Hayou et al. 2024): B's learning rate is this many times A's; None trains both alike.
+    loraplus_ratio: float | None = None
+    # Trainer's `report_to`: any of TRACKERS; none by default.
+    report_to: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.report_to, (list, str)):  # a run's config comes back from JSON as a list
+            names = (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to)
+            object.__setattr__(self, "report_to", names)
 
     def problems(self) -> list[str]:
         """Every bad value, fields named."""
@@ -52,7 +64,27 @@ class TrainConfig:
             found.append("`dataset` must name a built-in task, upload:PATH or hub:REPO")
         if not isinstance(self.model, str) or not self.model.strip():
             found.append("`model` must be 'embedded', a Hub id or a local folder")
+        if self.loraplus_ratio is not None and not (
+            isinstance(self.loraplus_ratio, (int, float)) and 1 <= self.loraplus_ratio <= 1024
+        ):
+            found.append(f"`loraplus_ratio` must be from 1 to 1024 (or None), got {short_repr(self.loraplus_ratio)}")
+        found += tracker_problems(self.report_to)
         return found
+
+
+def tracker_problems(report_to: Any) -> list[str]:
+    """What stops a run from reporting to `report_to`: an unknown tracker or one not installed."""
+    if not isinstance(report_to, tuple) or not all(isinstance(name, str) for name in report_to):
+        return [f"`report_to` must list tracker names, got {short_repr(report_to)}"]
+    import importlib.util
+
+    found = []
+    for name in report_to:
+        if name not in TRACKERS:
+            found.append(f"`report_to`: unknown tracker {short_repr(name)}; use {', '.join(TRACKERS)}")
+        elif not any(importlib.util.find_spec(package) for package in TRACKERS[name]):
+            found.append(f"`report_to`: {name} needs the {TRACKERS[name][0]} package: pip install {TRACKERS[name][0]}")
+    return found
 
 
 def causal_lm_config(name: str):

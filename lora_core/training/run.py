@@ -4,9 +4,11 @@ launch` all come through here."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,20 +39,71 @@ class RunResult:
         return asdict(self)
 
 
+class BaseModels:
+    """The base model a process trains on, kept loaded from one run to the next on the same model
+    and device: an experiment's trials load it once and each gets a fresh adapter on it.
+
+    A run adds its adapter with `get_peft_model`, which changes the loaded model in place, and
+    takes it out again with PEFT's `unload()` when it ends, however it ends; an init that rewrites
+    the base weights (PiSSA, OLoRA) has them put back from a copy taken before. A model that cannot
+    be restored is dropped, so the next run loads it afresh: no run ever sees another's adapter."""
+
+    def __init__(self) -> None:
+        self._key: tuple[str, str] | None = None
+        self._loaded: tuple | None = None
+        self.loads = 0  # how many times a model was loaded (tests and benchmarks read it)
+
+    def get(self, name: str, device: str):
+        """(model, tokenizer) of `name` on `device`, loaded unless it already is."""
+        if self._key != (name, device) or self._loaded is None:
+            self.clear()
+            self._loaded = load_model_and_tokenizer(name, device)
+            self._key = (name, device)
+            self.loads += 1
+        return self._loaded
+
+    def keep_only(self, name: str | None, device: str | None = None) -> None:
+        """Drop the loaded model unless it is `name` (on `device`, when given): what a worker calls
+        between runs, so an idle worker holds no model and the next trial reuses it."""
+        if self._key is None or name != self._key[0] or (device is not None and device != self._key[1]):
+            self.clear()
+
+    def clear(self) -> None:
+        if self._loaded is None:
+            return
+        self._key, self._loaded = None, None
+        import gc
+
+        gc.collect()
+        with contextlib.suppress(Exception):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
 def run_training(
     store: Store,
     run_id: int,
     config: TrainConfig,
     settings: LoraSettings,
     cancel=None,
+    base_models: BaseModels | None = None,
 ) -> RunResult:
     """Train run `run_id` to the end, a cancel, or a failure; every outcome is written to the store
     (status, error, final losses, adapter files). Never raises for run failures. `cancel` is
-    anything with `is_set()` (a `threading.Event`, or the runner's store-backed flag)."""
+    anything with `is_set()` (a `threading.Event`, or the runner's store-backed flag). With
+    `base_models`, the base model is taken from (and left, adapter removed, in) that cache."""
     cancel = cancel or threading.Event()
-    store.update_run(run_id, status="running", started=time.time(), owner_pid=os.getpid())
+    store.update_run(
+        run_id,
+        status="running",
+        started=time.time(),
+        owner_pid=os.getpid(),
+        trained_by=f"pid {os.getpid()} on {socket.gethostname()}",
+    )
     try:
-        result = _train(store, run_id, config, settings, cancel)
+        result = _train(store, run_id, config, settings, cancel, base_models)
     except Exception as error:
         message = _failure_message(error)
         store.update_run(run_id, status="failed", error=message, finished=time.time())
@@ -73,13 +126,18 @@ def _failure_message(error: BaseException) -> str:
     return text if isinstance(error, (TrainingError, InputError)) else f"{type(error).__name__}: {text}"
 
 
-def _train(store: Store, run_id: int, config: TrainConfig, settings: LoraSettings, cancel) -> RunResult:
+def _train(
+    store: Store,
+    run_id: int,
+    config: TrainConfig,
+    settings: LoraSettings,
+    cancel,
+    base_models: BaseModels | None = None,
+) -> RunResult:
     from peft import get_peft_model
-    from transformers import Trainer
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers import set_seed
 
     from lora_core.datasets import tokenize_examples
-    from lora_core.training.callback import StoreCallback
 
     problems = config.problems() + settings.problems()
     if problems:
@@ -87,27 +145,87 @@ def _train(store: Store, run_id: int, config: TrainConfig, settings: LoraSetting
     device = pick_device(config.device)
     store.update_run(run_id, device=device)
     dataset = load_dataset(config.dataset, config.seed)
-    model, tokenizer = load_model_and_tokenizer(config.model, device)
+    cache = base_models or BaseModels()
+    model, tokenizer = cache.get(config.model, device)
     # every example the run will see, once: steps x batch (the Trainer shuffles them)
     train = tokenize_examples(dataset.train[: config.steps * config.batch_size], tokenizer, config.seq_len)
     evaluation = tokenize_examples(dataset.eval[: config.eval_examples], tokenizer, config.seq_len)
     longest = max((len(example["input_ids"]) for example in [*train, *evaluation]), default=config.seq_len)
-    estimate_mb = run_memory_estimate_mb(model, settings, config, longest, device)
-    peft_model = get_peft_model(model, copy.deepcopy(settings.to_peft_config()))
+    sizes = {
+        "memory_estimate_mb": run_memory_estimate_mb(model, settings, config, longest, device),
+        "longest_seq": longest,
+    }
+    peft_config = copy.deepcopy(settings.to_peft_config())
+    saved = _base_weights(model) if base_models is not None and rewrites_base(peft_config) else None
+    # The adapter's initial weights depend on the seed alone, not on what this process ran before.
+    set_seed(config.seed)
+    peft_model = get_peft_model(model, peft_config)
+    try:
+        return _train_adapter(store, run_id, config, cancel, device, peft_model, tokenizer, (train, evaluation), sizes)
+    finally:
+        if base_models is not None:
+            _restore(base_models, peft_model, saved)
+
+
+def rewrites_base(peft_config) -> bool:
+    """Whether this LoraConfig's init rewrites the base layers' weights (PiSSA, OLoRA, CorDA, LoftQ)."""
+    init = getattr(peft_config, "init_lora_weights", True)
+    return isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq"))
+
+
+def _base_weights(model) -> dict:
+    """A copy, in host memory, of the weights an init may rewrite: every floating-point tensor."""
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+
+
+def _restore(base_models: BaseModels, peft_model, saved: dict | None) -> None:
+    """Take the run's adapter out of the cached base model (and its weights back, when an init
+    rewrote them); a model that cannot be restored is dropped from the cache."""
+    try:
+        base = peft_model.unload()
+        if saved is not None:
+            base.load_state_dict(saved, strict=True)
+        for parameter in base.parameters():
+            parameter.requires_grad_(True)  # as loaded: PEFT froze every base parameter
+        base.train(False)
+        with contextlib.suppress(AttributeError):
+            del base.peft_config
+    except Exception:
+        base_models.clear()
+
+
+def _train_adapter(
+    store: Store,
+    run_id: int,
+    config: TrainConfig,
+    cancel,
+    device: str,
+    peft_model,
+    tokenizer,
+    examples: tuple[list, list],
+    sizes: dict,
+) -> RunResult:
+    """Train the adapter of `peft_model` on (train, eval) `examples` with Trainer; `sizes` are the
+    run's memory estimate and longest sequence, stored with its parameter counts."""
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from lora_core.training.callback import StoreCallback
+
+    train, evaluation = examples
     trainable, total = peft_model.get_nb_trainable_parameters()
-    store.update_run(
-        run_id, trainable_params=trainable, all_params=total, memory_estimate_mb=estimate_mb, longest_seq=longest
-    )
+    store.update_run(run_id, trainable_params=trainable, all_params=total, **sizes)
     callback = StoreCallback(store, run_id, cancel)
     scratch = store.scratch_dir(run_id)  # under the data dir: a killed run's is removed by the next Store.open
     try:
         trainer = Trainer(
             model=peft_model,
-            args=_training_arguments(config, device, str(scratch)),
+            args=_training_arguments(config, device, str(scratch), run_id),
             train_dataset=train,
             eval_dataset=evaluation,
             data_collator=collator(tokenizer),
-            callbacks=[callback],
+            callbacks=[callback, *_tensorboard(store, run_id, config)],
+            optimizers=(_loraplus_optimizer(peft_model, config), None),
         )
         for noisy in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(noisy)
@@ -116,8 +234,13 @@ def _train(store: Store, run_id: int, config: TrainConfig, settings: LoraSetting
             with peft_model.disable_adapter():
                 trainer.evaluate(metric_key_prefix="baseline")
 
-        callback.baseline = baseline
         reset_peak_memory(device)
+        if rewrites_base(peft_model.peft_config["default"]):
+            # PiSSA / OLoRA moved part of each weight into the adapter: without it the model is the
+            # residual, not the base. Before any step, base + adapter is the base model exactly.
+            trainer.evaluate(metric_key_prefix="baseline")
+        else:
+            callback.baseline = baseline
         trainer.train()
         if (
             callback.nan_step is None
@@ -131,9 +254,39 @@ def _train(store: Store, run_id: int, config: TrainConfig, settings: LoraSetting
     return _finish(store, run_id, peft_model, callback, cancel, trainable, device)
 
 
-def _training_arguments(config: TrainConfig, device: str, output_dir: str):
+def _tensorboard(store: Store, run_id: int, config: TrainConfig) -> list:
+    """Trainer's TensorBoard callback writing to $TENSORBOARD_LOGGING_DIR or the data dir's
+    tensorboard/run-<id> (its default, under the run's scratch folder, is deleted when it ends)."""
+    if "tensorboard" not in config.report_to:
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = callback.logging_dir or str(store.data_dir / "tensorboard" / f"run-{run_id}")
+    return [callback]
+
+
+def _loraplus_optimizer(peft_model, config: TrainConfig):
+    """LoRA+'s AdamW (B learns `loraplus_ratio` times faster than A, PEFT's own builder), or None
+    for the Trainer's default AdamW. Same defaults as the Trainer's: no weight decay."""
+    if not config.loraplus_ratio:
+        return None
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(
+        peft_model,
+        torch.optim.AdamW,
+        lr=config.learning_rate,
+        loraplus_lr_ratio=float(config.loraplus_ratio),
+        weight_decay=0.0,
+    )
+
+
+def _training_arguments(config: TrainConfig, device: str, output_dir: str, run_id: int = 0):
     """The Trainer's arguments for `config`: a constant learning rate after a short warmup, a log
-    line every step, evaluation every `eval_every` steps, no checkpoints."""
+    line every step, evaluation every `eval_every` steps, no checkpoints, and the trackers of
+    `config.report_to` (none by default), which see the run as "run-<id>"."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -148,7 +301,8 @@ def _training_arguments(config: TrainConfig, device: str, output_dir: str):
         eval_strategy="steps",
         eval_steps=config.eval_every,
         save_strategy="no",
-        report_to=[],
+        report_to=[name for name in config.report_to if name != "tensorboard"],  # that one: _tensorboard
+        run_name=f"run-{run_id}",
         disable_tqdm=True,
         seed=config.seed,
         data_seed=config.seed,
