@@ -21,8 +21,8 @@ $(VENV)/.runtime: requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --no-deps --editable .
 	touch $@
 
-$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
-	$(BIN)/pip install --quiet -r requirements-dev.txt
+$(VENV)/.dev: requirements-dev.txt requirements-ray.txt $(VENV)/.runtime
+	$(BIN)/pip install --quiet -r requirements-dev.txt -r requirements-ray.txt
 	touch $@
 
 run: $(VENV)/.runtime

@@ -21,6 +21,7 @@ from lora_core import options
 from lora_core.errors import InputError, one_line
 from lora_core.export import FORMATS
 from lora_core.strategies import SEARCH_SPACES
+from lora_core.training.config import TRACKERS
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
@@ -142,6 +143,54 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(train)
     train.add_argument("--json", action="store_true", help="end with one JSON object instead of a summary")
     train.set_defaults(handler=_cmd_train)
+
+    sweep = commands.add_parser("sweep", help="an experiment: a grid of LoRA configs trained and compared")
+    sweep.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), a Hub id or a folder")
+    sweep.add_argument(
+        "--dataset", default="json_extraction", help="built-in task, upload:PATH (JSONL/CSV) or hub:REPO"
+    )
+    budget = sweep.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=20, help="training steps per trial (default 20)")
+    budget.add_argument("--tokens", type=int, help="training tokens per trial (batch x sequence length per step)")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2",
+        help="a dimension and its values, repeatable: targets=Q,V|All linear (values split on |), r=4,16, "
+        "alpha=16,2r, lr=1e-4,1e-3, dropout=0,0.1, rslora=true,false, dora=..., loraplus=off,16, "
+        "init=default,pissa,olora",
+    )
+    sweep.add_argument(
+        "--space", choices=tuple(SEARCH_SPACES), help="the article's search space (grid items override it)"
+    )
+    sweep.add_argument("--seeds", type=int, default=1, help="repeats of each config with seeds 0, 1, ... (default 1)")
+    sweep.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="run the trials as Ray Tune trials: auto ($RAY_ADDRESS, a running local cluster, else a new "
+        "local one) or host:port / ray://host:port. Without it, $RAY_ADDRESS alone selects Ray too",
+    )
+    sweep.add_argument("--local", action="store_true", help="train here even when $RAY_ADDRESS is set")
+    sweep.add_argument("--asha", action="store_true", help="on Ray: stop weak trials early (ASHA on eval loss)")
+    sweep.add_argument("--lr", type=float, default=1e-3, help="learning rate of trials the grid does not set")
+    sweep.add_argument("--batch-size", type=int, default=4)
+    sweep.add_argument("--seq-len", type=int, default=128)
+    sweep.add_argument("--eval-every", type=int, default=10)
+    sweep.add_argument(
+        "--report-to", action="append", default=[], choices=tuple(TRACKERS), help="a tracker, repeatable"
+    )
+    sweep.add_argument("--lora", help="adapter_config.json with the base LoRA settings")
+    sweep.add_argument(
+        "--out", help="data directory of the run store (default: $LORA_EXPLORER_DATA or the user data dir)"
+    )
+    sweep.add_argument("--name", help="experiment name")
+    sweep.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    _add_settings_flags(sweep)
+    sweep.add_argument("--json", action="store_true", help="end with one JSON object instead of a table")
+    sweep.set_defaults(handler=_cmd_sweep)
 
     search = commands.add_parser("search", help="the article's search spaces counted on a model")
     search.add_argument("--model", required=True)
@@ -439,6 +488,146 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if run.get("adapter_dir"):
         print(f"adapter: {run['adapter_dir']}")
     return code
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from lora_core.experiments import parse_grid, plan_experiment, results, run_local, submit_experiment
+    from lora_core.store import CLI
+    from lora_core.training import TrainConfig
+
+    address = _ray_address(args)
+    settings = _lora_file_or_default(args)
+    config = TrainConfig(
+        model=args.model,
+        dataset=args.dataset,
+        steps=args.steps,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        eval_every=args.eval_every,
+        device=args.device,
+        report_to=tuple(dict.fromkeys(args.report_to)),
+    )
+    grid = parse_grid(args.grid)
+    if not grid and not args.space:
+        raise _BadInput("give --grid NAME=V1,V2 (repeatable) or --space efficiency|balanced|thorough")
+    plan = plan_experiment(settings, config, grid, args.space, args.seeds, args.tokens, args.name)
+    store = _open_store(args.out)
+    runner = "ray" if address else "local"
+    experiment_id = submit_experiment(store, plan, runner=runner, owner=CLI, ray_address=address)
+    total = len(plan.trials)
+    if not args.json:
+        where = f"on Ray ({address})" if address else "here, one after another"
+        print(
+            f"experiment {experiment_id}: {total} trials of {plan.trials[0].config.steps} steps, {where}",
+            file=sys.stderr,
+        )
+
+    def progress(result) -> None:
+        if args.json:
+            return
+        run = store.run(result.run_id) or {}
+        loss = run.get("final_eval_loss")
+        ending = f"eval loss {loss:.4f}" if loss is not None else (result.error or "")
+        print(f"  {run.get('name', result.run_id)}: {result.status} {ending}", file=sys.stderr)
+
+    if address:
+        from lora_core.experiments.ray_tune import run_on_ray
+
+        run_on_ray(store, experiment_id, address, asha=args.asha)
+    else:
+        run_local(store, experiment_id, on_trial=progress)
+    experiment = store.experiment(experiment_id) or {}
+    table = results(store, experiment_id)
+    code = (
+        0 if experiment.get("status") == "completed" and not (table["status"] != "completed").any() else EXIT_RUN_FAILED
+    )
+    if args.json:
+        print(json.dumps(_sweep_json(store, experiment_id, experiment, table), default=_json_default))
+        return code
+    _print_sweep(table)
+    return code
+
+
+def _ray_address(args: argparse.Namespace) -> str | None:
+    """Where the trials run: --ray's address, else $RAY_ADDRESS, else None (here); --local wins."""
+    if args.local:
+        if args.ray:
+            raise _BadInput("--local and --ray contradict each other: give one")
+        return None
+    address = args.ray if args.ray is not None else os.environ.get("RAY_ADDRESS")
+    if address is not None and not address.strip():
+        raise _BadInput("--ray: give an address (host:port, ray://host:port) or auto")
+    return address.strip() if address else None
+
+
+def _sweep_json(store, experiment_id: int, experiment: dict, table) -> dict:
+    """The experiment id, its status and store, and per trial its settings and outcome."""
+    from lora_core.experiments import DIMENSIONS, ranked
+
+    trials = []
+    for row in table.to_dict("records"):
+        run = store.run(int(row["run_id"])) or {}
+        trials.append(
+            {
+                "run_id": row["run_id"],
+                "trial": row["trial"],
+                "label": row["label"],
+                "values": {name: row[name] for name in (*DIMENSIONS, "seed") if name in row},
+                "settings": run.get("settings"),
+                "trainable_params": row["trainable_params"],
+                "memory_estimate_mb": row["memory_estimate_mb"],
+                "peak_memory_mb": row["peak_memory_mb"],
+                "final_train_loss": row["final_train_loss"],
+                "final_eval_loss": row["final_eval_loss"],
+                "tokens_per_s": row["tokens_per_s"],
+                "train_seconds": row["train_seconds"],
+                "status": row["status"],
+                "error": row["error"],
+                "trained_by": row["trained_by"],
+            }
+        )
+    best = ranked(table)
+    return {
+        "experiment_id": experiment_id,
+        "name": experiment.get("name"),
+        "status": experiment.get("status"),
+        "runner": experiment.get("runner"),
+        "store": str(store.path),
+        "trials": trials,
+        "best_run_id": int(best["run_id"].iloc[0]) if len(best) else None,
+    }
+
+
+def _json_default(value: Any) -> Any:
+    """numpy and pandas scalars as plain JSON numbers; NaN (a missing value) as null."""
+    import math
+
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _print_sweep(table) -> None:
+    from lora_core.experiments import ranked
+
+    best = ranked(table)
+    print(f"{'rank':>4}  {'config':<44} {'eval loss':>9} {'spread':>7} {'trainable':>11}  verdict")
+    for row in best.to_dict("records"):
+        spread = (
+            ""
+            if row["seed_spread"] is None or row["seed_spread"] != row["seed_spread"]
+            else f"{row['seed_spread']:.4f}"
+        )
+        print(
+            f"{row['rank']:>4}  {row['label'][:44]:<44} {row['eval_loss']:>9.4f} {spread:>7} "
+            f"{int(row['trainable_params'] or 0):>11,}  {row['verdict']}"
+        )
+    failed = table[table["status"] != "completed"]
+    for row in failed.to_dict("records"):
+        print(f"  trial {row['trial']} {row['label']}: {row['status']} ({row['error'] or 'no reason recorded'})")
 
 
 def _open_store(out: str | None):

@@ -113,15 +113,24 @@ def _spec_name(model: str) -> str:
     return EMBEDDED_SPEC if model == EMBEDDED else model
 
 
-def submit_experiment(store: Store, plan: ExperimentPlan, runner: str = "local", owner: str = WORKER) -> int:
+def submit_experiment(
+    store: Store, plan: ExperimentPlan, runner: str = "local", owner: str = WORKER, ray_address: str | None = None
+) -> int:
     """Check the plan's model and dataset (`training.preflight`), then write the experiment and one
     queued run per trial; returns the experiment id. `owner` is "worker" when the app's worker is
-    to train them, "cli" when this process will (`run_local`, or a Ray driver here). Raises
+    to train them, "cli" when this process will (`run_local`, or a Ray driver here); `runner` "ray"
+    runs them on the Ray cluster at `ray_address` ("auto": $RAY_ADDRESS or a local one). Raises
     `InputError` before anything is written."""
     from lora_core.training import preflight
 
+    if runner not in ("local", "ray"):
+        raise InputError(f"runner must be local or ray, not {short_repr(runner)}")
+    if ray_address is not None and (not isinstance(ray_address, str) or not ray_address.strip()):
+        raise InputError("give a Ray address (host:port, ray://host:port) or auto")
     preflight(plan.trials[0].config, plan.trials[0].settings)
     spec = plan.spec()
+    if runner == "ray":
+        spec["ray_address"] = (ray_address or "auto").strip()
     experiment_id = store.create_experiment(plan.name, plan.base_config.model, plan.base_config.dataset, spec, runner)
     for trial in plan.trials:
         store.create_run(

@@ -207,11 +207,15 @@ def _train_adapter(
 ) -> RunResult:
     """Train the adapter of `peft_model` on (train, eval) `examples` with Trainer; `sizes` are the
     run's memory estimate and longest sequence, stored with its parameter counts."""
+    import warnings
+
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from lora_core.training.callback import StoreCallback
 
+    # transformers 5.24's own Trainer calls its deprecated name on every run: noise, not news.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     train, evaluation = examples
     trainable, total = peft_model.get_nb_trainable_parameters()
     store.update_run(run_id, trainable_params=trainable, all_params=total, **sizes)
