@@ -28,7 +28,6 @@ from lora_core.experiments.grid import (
     GridError,
     Trial,
     expand,
-    grid_size,
     space_grid,
 )
 from lora_core.settings import LoraSettings
@@ -94,8 +93,6 @@ def plan_experiment(
     problems = base_config.problems()
     if problems:
         raise GridError(problems[0])
-    if grid_size(combined, seeds if is_int(seeds) else 1) == 0:
-        raise GridError("every grid dimension needs at least one value")
     trials = expand(combined, base_settings, base_config, seeds, _spec_name(base_config.model))
     label = (name or "").strip() or _default_name(combined, space, base_config)
     if len(label) > MAX_NAME_CHARS:
