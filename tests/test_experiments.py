@@ -418,3 +418,19 @@ def test_sweep_refuses_bad_input_with_exit_2_and_creates_nothing(tiny_model, tmp
     assert len(lines) == 1 and message in lines[0]
     if (tmp_path / "runs.sqlite").exists():
         assert Store.open(tmp_path).experiments().empty and Store.open(tmp_path).runs().empty
+
+
+def test_the_apps_worker_trains_an_experiments_trials_in_order(tiny_model, tmp_path) -> None:
+    from lora_core.runner import RunManager
+
+    manager = RunManager(Store.open(tmp_path))
+    try:
+        plan = plan_experiment(BASE, tiny_config(tiny_model), parse_grid(["r=2,4", "init=default,pissa"]))
+        experiment_id = submit_experiment(manager.store, plan)  # queued for the worker
+        runs = [manager.wait(int(run_id), 300) for run_id in manager.store.experiment_runs(experiment_id)["id"]]
+    finally:
+        manager.shutdown()
+    assert [run["status"] for run in runs] == ["completed"] * 4
+    assert [run["started"] for run in runs] == sorted(run["started"] for run in runs)
+    assert len({run["initial_eval_loss"] for run in runs}) == 1  # each trial starts from the same base model
+    assert manager.store.experiment(experiment_id)["status"] == "completed"
