@@ -140,6 +140,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--name", help="run name")
     train.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    train.add_argument(
+        "--report-to", action="append", default=[], choices=tuple(TRACKERS), help="a tracker, repeatable"
+    )
     _add_settings_flags(train)
     train.add_argument("--json", action="store_true", help="end with one JSON object instead of a summary")
     train.set_defaults(handler=_cmd_train)
@@ -447,6 +450,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         eval_every=args.eval_every,
         device=args.device,
+        report_to=tuple(dict.fromkeys(args.report_to)),
     )
     preflight(config, settings)  # bad input exits 2 here, before a run exists
     # Under `accelerate launch` on several GPUs every rank trains; only rank 0 writes the run.
