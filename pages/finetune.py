@@ -20,6 +20,7 @@ from lora_core.models import local_model_roots
 from lora_core.store import ACTIVE
 from lora_core.strategies import settings_on_model
 from lora_core.training import EMBEDDED, TrainConfig, memory_setup
+from lora_core.training.config import TRACKERS
 from pages.common import Upload, file_upload, page_state, read_upload, run_manager, sidebar_strategy
 
 EMBEDDED_CONFIG = "HuggingFaceTB/SmolLM2-135M"  # same architecture and shapes as the embedded Instruct model
@@ -142,7 +143,15 @@ with st.form("lx_train_form"):
     batch_size = col5.select_slider("Batch size", [1, 2, 4, 8, 16], value=4, key="lx_train_batch")
     seq_len = col6.select_slider("Sequence length", [64, 128, 256, 512, 1024], value=128, key="lx_train_seq")
     eval_every = col7.number_input("Eval every", 1, 500, 10, key="lx_train_eval_every")
-    run_name_text = st.text_input("Run name (optional)", key="lx_train_name")
+    col8, col9 = st.columns(2)
+    run_name_text = col8.text_input("Run name (optional)", key="lx_train_name")
+    trackers = col9.multiselect(
+        "Also report to (optional)",
+        list(TRACKERS),
+        key="lx_train_report_to",
+        help="Trainer's report_to: the tracker must be installed and configured on the server (MLFLOW_TRACKING_URI, "
+        "wandb login); TensorBoard writes to the data folder's tensorboard/run-<id>.",
+    )
     submitted = st.form_submit_button("Start", type="primary")
 
 if submitted:
@@ -167,6 +176,7 @@ if submitted:
             batch_size=int(batch_size),
             seq_len=int(seq_len),
             eval_every=int(eval_every),
+            report_to=tuple(trackers),
         )
         problems = config.problems() + settings.problems()  # what submit refuses, as one line here
         if problems:

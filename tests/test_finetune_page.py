@@ -108,6 +108,18 @@ def test_start_without_a_model_path_explains(page: AppTest) -> None:
     assert any("give a Hub id or a local folder" in e.value for e in page.error)
 
 
+def test_a_tracker_that_is_not_installed_is_named_before_a_run(page: AppTest) -> None:
+    import importlib.util
+
+    assert importlib.util.find_spec("wandb") is None  # this test needs a tracker that is absent
+    page.multiselect(key="lx_train_report_to").set_value(["wandb"])
+    page.button[0].click().run()
+    assert [e.value for e in page.error] == [
+        "Not started: `report_to`: wandb needs the wandb package: pip install wandb"
+    ]
+    assert page.multiselect(key="lx_train_report_to").value == ["wandb"]  # the choice is kept to fix
+
+
 def test_queueing_the_embedded_model_states_its_planned_peak_memory(page: AppTest) -> None:
     page.radio(key="lx_train_model_source").set_value("Embedded SmolLM2-135M-Instruct")
     page.number_input(key="lx_train_steps").set_value(1)
