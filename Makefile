@@ -47,7 +47,7 @@ bench: $(VENV)/.runtime
 	$(BIN)/python bench/bench_simulate.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python -m bench.bench_rerun
-	$(BIN)/python bench/bench_live.py
+	$(BIN)/python -m bench.bench_live
 
 # The CUDA paths in one prepared script (GPU tests, d=4096 simulations, a bf16 run, the memory
 # estimate against max_memory_allocated); on a machine without CUDA it says so and exits 0.

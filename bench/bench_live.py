@@ -16,7 +16,7 @@ watching. The server's CPU is its own process's (user + system; the training wor
 and is not counted); tokens/s come from the store's own clock (cumulative tokens and elapsed
 seconds of the run's train points at each window's edges).
 
-Run: `.venv/bin/python bench/bench_live.py [--pairs 4] [--steps 10] [--compare REV]` (embedded
+Run: `.venv/bin/python -m bench.bench_live [--pairs 4] [--steps 10] [--compare REV]` (embedded
 SmolLM2-135M-Instruct, json_extraction, batch 4 x 128 tokens, the sidebar's default LoRA settings).
 With `--compare REV` the same measurement also runs against the Fine-tune page as it was at git
 revision REV (the rest of the app as it is now).
@@ -30,14 +30,12 @@ import json
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +46,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lora_core.store import ACTIVE, Store
 from lora_core.training import EMBEDDED
+from tests.e2e.browser import CHROMIUM, CHROMIUM_FLAGS, served_app
 
 ROOT = Path(__file__).resolve().parents[1]
-LOGS = ROOT / "artifacts" / "logs"
-CHROMIUM = "/usr/lib/chromium/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
 CPU_GOAL, RATE_GOAL = 0.05, 0.9
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 HISTORY_POINTS = 60
@@ -86,44 +82,11 @@ def file_watcher(app_dir: Path) -> str:
     return "unknown" if match is None else match[2] + (" (Streamlit's default)" if match[1] else "")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server(app_dir: Path, data_dir: Path) -> Iterator[tuple[str, psutil.Process]]:
-    """`streamlit run app.py` from `app_dir` on a free port; yields (URL, the server process) once healthy."""
-    port = free_port()
-    command = [str(Path(sys.executable).parent / "streamlit"), "run", "app.py", "--server.headless", "true"]
-    command += ["--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
-    env = {**os.environ, "LORA_EXPLORER_DATA": str(data_dir)}
-    LOGS.mkdir(parents=True, exist_ok=True)
-    log = (LOGS / f"bench-live-streamlit-{port}.log").open("w")
-    process = subprocess.Popen(command, cwd=app_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while not healthy(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"streamlit did not start; see {log.name}")
-            time.sleep(0.5)
+    """The app in `app_dir` served on a free port; yields (URL, the server process) once healthy."""
+    with served_app(app_dir, {"LORA_EXPLORER_DATA": str(data_dir)}, name="bench-live-streamlit") as (url, process):
         yield url, psutil.Process(process.pid)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-
-
-def healthy(url: str) -> bool:
-    try:
-        return urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok"
-    except OSError:
-        return False
 
 
 def cpu_seconds(processes: list[psutil.Process]) -> float:

@@ -31,33 +31,23 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def streamlit_server(port: int | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
-    """`streamlit run app.py` on a free loopback port; yields the base URL once healthy."""
+def served_app(
+    app_dir: Path = ROOT, env: dict[str, str] | None = None, port: int | None = None, name: str = "streamlit"
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`streamlit run app.py` in `app_dir` on a free loopback port; yields (base URL, the server
+    process) once healthy, and stops it after. Its output goes to artifacts/logs/<name>-<port>.log."""
     port = port or free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(ROOT / "app.py"),
-        "--server.address",
-        "127.0.0.1",
-        "--server.port",
-        str(port),
-        "--server.headless",
-        "true",
-        "--browser.gatherUsageStats",
-        "false",
-    ]
+    command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1"]
+    command += ["--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     process_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     # The server's output goes to a file: an unread pipe fills up and blocks the server.
     LOGS.mkdir(parents=True, exist_ok=True)
-    log_path = LOGS / f"streamlit-{port}.log"
+    log_path = LOGS / f"{name}-{port}.log"
     log = log_path.open("w")
-    process = subprocess.Popen(command, cwd=ROOT, env=process_env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=app_dir, env=process_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"streamlit exited: {log_path.read_text()[-2000:]}")
@@ -66,15 +56,22 @@ def streamlit_server(port: int | None = None, env: dict[str, str] | None = None)
                     break
             time.sleep(0.5)
         else:
-            raise RuntimeError("streamlit did not become healthy within 90 s")
-        yield url
+            raise RuntimeError(f"streamlit did not become healthy within 120 s; see {log_path}")
+        yield url, process
     finally:
         process.terminate()
         try:
-            process.wait(timeout=15)
+            process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@contextlib.contextmanager
+def streamlit_server(port: int | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
+    """The app of this checkout served on a free loopback port; yields the base URL once healthy."""
+    with served_app(env=env, port=port) as (url, _):
+        yield url
 
 
 def wait_idle(page, timeout_ms: int = 60_000) -> None:
