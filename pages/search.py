@@ -30,6 +30,11 @@ except InputError as error:
     st.error(f"This grid cannot be counted on {state.spec.model_id}: {error}")
     st.stop()
 st.write(f"**{len(table)} configurations** on {state.spec.model_id}.")
+if st.button(
+    "Run these", key="lx_search_run", help="open the Experiments page with this search space as the grid, to train"
+):
+    st.session_state["lx_exp_space_request"] = priority
+    st.switch_page("pages/experiments.py")
 
 scatter = go.Figure()
 for target_set, group in table.groupby("target_set"):

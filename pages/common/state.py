@@ -92,13 +92,16 @@ def settings_from_state(inv: lora_core.Inventory) -> tuple[LoraSettings, str]:
         return base.replace(target_modules=()), str(error)
 
 
-def request_apply(changes: dict) -> None:
-    """Ask the sidebar to take `changes` (widget keys -> values) on the next run, then rerun.
+def request_apply(changes: dict, page: str | None = None) -> None:
+    """Ask the sidebar to take `changes` (widget keys -> values) on the next run, then rerun (on
+    page file `page` when given).
 
     Widgets own their keys once drawn in a run, so a page cannot set them directly; the change is
     parked and applied before the sidebar draws.
     """
     st.session_state["lx_pending"] = changes
+    if page is not None:
+        st.switch_page(page)
     st.rerun()
 
 

@@ -41,6 +41,7 @@ UPLOADS = {
     "lx_upload": UploadRule("a config.json", MAX_CONFIG_BYTES, (".json",)),
     "lx_import_upload": UploadRule("an adapter_config.json", IMPORT_MAX_BYTES, (".json",)),
     "lx_train_upload": UploadRule("a JSONL or CSV dataset", MAX_UPLOAD_BYTES, (".jsonl", ".json", ".csv")),
+    "lx_exp_upload": UploadRule("a JSONL or CSV dataset", MAX_UPLOAD_BYTES, (".jsonl", ".json", ".csv")),
 }
 
 
