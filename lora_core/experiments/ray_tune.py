@@ -18,11 +18,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -119,10 +120,8 @@ def run_on_ray(
     summary.ray_start_s = time.perf_counter() - started
     tune_started = time.perf_counter()
     try:
-        _tune(store, experiment_id, specs, asha, storage_path)
-    except KeyboardInterrupt:
-        store.cancel_experiment(experiment_id)
-        raise
+        with _ctrl_c_cancels(store, experiment_id):
+            _tune(store, experiment_id, specs, asha, storage_path)
     except Exception as error:
         _end_leftovers(store, run_ids, f"Ray Tune stopped: {one_line(error)}")
         raise
@@ -164,11 +163,44 @@ def _tune(store: Store, experiment_id: int, specs: dict[int, dict], asha: bool, 
         ),
     )
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # Tune prints its tables: the CLI's stdout is JSON
+        # Tune prints tables and the path of a folder removed below; what matters reaches the store,
+        # and the CLI's stdout is JSON.
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             tuner.fit()
     finally:
         if root is not None:
             shutil.rmtree(root / name, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _ctrl_c_cancels(store: Store, experiment_id: int) -> Iterator[None]:
+    """Ctrl-C cancels the experiment as the page's Cancel would (the trials in flight stop, the
+    rest are cancelled), then raises KeyboardInterrupt once Tune has wound down; a second Ctrl-C
+    stops waiting. Tune's own handler would end the run and return as if it had finished."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed: list[bool] = []
+
+    def on_ctrl_c(signum, frame) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+        store.cancel_experiment(experiment_id)
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    tune_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if tune_handler is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = tune_handler
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def _claimed_here(store: Store, experiment_id: int) -> list[int]:
@@ -202,19 +234,36 @@ def _connect(ray: Any, address: str) -> tuple[RaySummary, bool]:
     quiet = {"log_to_driver": False, "logging_level": "warning"}
     address = (address or "auto").strip()
     from_env = os.environ.get("RAY_ADDRESS", "").strip()
+    target = from_env if address == "auto" else address
     try:
-        if address == "auto" and not from_env:
+        if not target:
             try:
                 ray.init(address="auto", **quiet)
                 return _summary(ray, "the Ray running on this machine", started_local=False), True
             except ConnectionError:  # no Ray running here: start one for this experiment
                 ray.init(include_dashboard=False, **quiet)
                 return _summary(ray, "a local Ray started for this experiment", started_local=True), True
-        ray.init(address=address, **quiet)
+        problem = _unreachable(target)
+        if problem is None:
+            ray.init(address=target, **quiet)
+            return _summary(ray, target, started_local=False), True
     except (ConnectionError, ValueError, RuntimeError) as error:
-        where = f"$RAY_ADDRESS ({from_env})" if address == "auto" else address
-        raise InputError(f"cannot reach the Ray cluster at {where}: {one_line(error)}") from None
-    return _summary(ray, from_env if address == "auto" else address, started_local=False), True
+        problem = one_line(error)
+    where = f"$RAY_ADDRESS ({from_env})" if address == "auto" and from_env else (target or "this machine")
+    raise InputError(f"cannot reach the Ray cluster at {where}: {problem}")
+
+
+def _unreachable(address: str, timeout: float = 5.0) -> str | None:
+    """Why nothing answers at `address` (host:port or ray://host:port), or None when something
+    does: `ray.init` itself retries an address where nothing listens for minutes."""
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return "give host:port or ray://host:port"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as error:
+        return one_line(error)
+    return None
 
 
 def _summary(ray: Any, address: str, started_local: bool) -> RaySummary:
@@ -356,7 +405,7 @@ class TrialBook:
 
     cancelled: set[int] = field(default_factory=set)
     last_train: dict[int, float | None] = field(default_factory=dict)
-    last_eval: dict[int, tuple[int, float | None]] = field(default_factory=dict)
+    last_eval: dict[int, float | None] = field(default_factory=dict)
 
 
 class CancelStopper(_TuneStopper):
@@ -409,7 +458,7 @@ class StoreWriter(_TuneCallback):
         if kind == "train":
             self.book.last_train[run_id] = metric.get("loss")
         elif kind == "eval":
-            self.book.last_eval[run_id] = (step, metric.get("loss"))
+            self.book.last_eval[run_id] = metric.get("loss")
 
     def _update(self, run_id: int, fields: dict) -> None:
         if fields.get("status") == "running":
@@ -462,21 +511,23 @@ class StoreWriter(_TuneCallback):
         run = self.store.run(run_id)
         if run is None or run["status"] not in ACTIVE:
             return
-        step, eval_loss = self.book.last_eval.get(run_id, (0, None))
+        eval_loss = self.book.last_eval.get(run_id)
         fields: dict[str, Any] = {
             "finished": time.time(),
             "final_eval_loss": eval_loss,
             "final_train_loss": self.book.last_train.get(run_id),
         }
         if run_id in self.book.cancelled or self.store.cancel_requested(run_id):
-            fields.update(status="cancelled", error=None if run["status"] == "running" else "cancelled before it started")
+            fields.update(
+                status="cancelled", error=None if run["status"] == "running" else "cancelled before it started"
+            )
         elif error is not None:
             fields.update(status="failed", error=f"Ray: {error}")
         elif run_id in self.early:
             loss = f" (eval loss {eval_loss:.4g})" if isinstance(eval_loss, float) else ""
             fields.update(
                 status="cancelled",
-                error=f"stopped early by ASHA at step {self.early[run_id]}{loss}: behind the other trials there",
+                error=f"stopped early by ASHA at step {self.early[run_id]}{loss}: not in the better half of the trials there",
             )
         else:
             fields.update(status="failed", error="its Ray trial ended without reporting how the run ended")
