@@ -394,8 +394,10 @@ def results_section(experiment: dict, colour_by: str) -> None:
         column_config={
             "eval_loss": st.column_config.NumberColumn("eval loss (mean over seeds)", format="%.4f"),
             "seed_spread": st.column_config.NumberColumn("spread over seeds", format="%.4f"),
+            "trainable_params": st.column_config.NumberColumn("trainable params", format="%d"),
             "peak_memory_mb": st.column_config.NumberColumn("peak MiB", format="%.0f"),
             "train_seconds": st.column_config.NumberColumn("seconds", format="%.1f"),
+            "run_id": st.column_config.NumberColumn("best seed's run", format="%d"),
         },
     )
     st.caption(
@@ -429,10 +431,7 @@ ids = experiments["id"].tolist()
 if st.session_state.get("lx_exp_pick") not in ids:
     st.session_state.pop("lx_exp_pick", None)  # deleted, or from another store
 names = dict(zip(experiments["id"], experiments["name"]))
-statuses = dict(zip(experiments["id"], experiments["status"]))
-shown = int(
-    st.selectbox("Experiment", ids, key="lx_exp_pick", format_func=lambda i: f"{i}: {names[i]} ({statuses[i]})")
-)
+shown = int(st.selectbox("Experiment", ids, key="lx_exp_pick", format_func=lambda i: f"{i}: {names[i]}"))
 experiment = store.experiment(shown)
 spec = experiment["spec"]
 active = experiment["queued"] + experiment["running"] > 0

@@ -140,5 +140,5 @@ def parallel_figure(done: pd.DataFrame, dimensions: Sequence[str]) -> go.Figure:
     axes.append({"label": "final eval loss", "values": done["final_eval_loss"].astype(float)})
     line = {"color": done["final_eval_loss"].astype(float), "colorscale": "Viridis_r", "showscale": True}
     figure = go.Figure(go.Parcoords(line=line, dimensions=axes))
-    figure.update_layout(height=420)
+    figure.update_layout(height=420, margin={"l": 70, "r": 70})  # room for the outer axes' labels
     return figure

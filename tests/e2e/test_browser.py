@@ -191,3 +191,31 @@ def test_a_deep_link_is_the_first_request_of_a_fresh_server(browser, tmp_path) -
         assert page.locator("h1").first.inner_text().strip() == "Memory"
         assert "Current: facebook/opt-125m" in page.inner_text("[data-testid='stSidebar']")
         page.close()
+
+
+def test_an_experiment_of_two_trials_on_the_embedded_model_draws_both_curves_and_a_pareto_chart(server, page) -> None:
+    open_url(page, f"{server}/experiments")
+    ranks = page.locator("[data-testid='stMultiSelect']", has_text="Ranks r").locator("input")
+    ranks.click()
+    ranks.press("Backspace")  # drops r=16: Q,V and All linear at r=4, two trials
+    page.keyboard.press("Escape")
+    page.get_by_role("spinbutton", name="Steps").fill("2")
+    page.get_by_role("spinbutton", name="Eval every").fill("1")
+    page.get_by_role("button", name="Plan").click()
+    wait_idle(page)
+    assert metric(page, "Trials") == "2"
+    page.get_by_role("button", name="Start").click()
+    wait_idle(page)
+    # the curves are coloured by the first varied dimension; both trials' train curves get drawn
+    page.wait_for_function(
+        "() => { const t = [...document.querySelectorAll('[data-testid=stPlotlyChart]')].map(c => c.innerText).join(' ');"
+        " return t.includes('targets=Q,V') && t.includes('targets=All linear'); }",
+        timeout=300_000,
+    )
+    # when the last trial ends the polling stops and the full page draws the results
+    page.get_by_text("Pareto front").first.wait_for(timeout=300_000)
+    wait_idle(page)
+    assert page.locator("[data-testid='stException']").count() == 0
+    assert "2/2 trials done" in page.inner_text("[data-testid='stMain']")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "experiments.png"), full_page=True)
