@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import importlib.util
 import json
 import os
 import time
@@ -104,6 +105,30 @@ def test_a_bad_grid_value_is_one_line_and_keeps_every_input(page: AppTest, data_
     page.multiselect(key="lx_exp_ranks").set_value(["4"])
     page.button(key="lx_exp_plan").click().run()
     assert len(page.error) == 1 and "alpha" in page.error[0].value and "2r" in page.error[0].value
+
+
+def test_a_dataset_upload_is_checked_like_the_fine_tune_pages(page: AppTest, data_dir: Path) -> None:
+    page.radio(key="lx_exp_data_source").set_value("Upload JSONL/CSV")
+    page.file_uploader(key="lx_exp_upload").set_value(("../../notes.exe", b"hello", "application/octet-stream"))
+    page.button(key="lx_exp_start").click().run()
+    assert not page.exception, page.exception
+    assert [e.value for e in page.error] == [
+        "Not started: notes.exe: use a .jsonl, .json or .csv file (a JSONL or CSV dataset)"
+    ]
+    rows = b"".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}).encode() + b"\n" for i in range(20))
+    page.file_uploader(key="lx_exp_upload").set_value(("data.jsonl", rows, "application/json"))
+    assert plan(page)["Trials"] == "4" and not page.error
+    assert not (data_dir / "uploads").exists()  # a plan stores nothing; Start stores the checked file
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_a_tracker_that_is_not_installed_is_refused_in_one_line(page: AppTest, data_dir: Path) -> None:
+    page.multiselect(key="lx_exp_report").set_value(["wandb"])
+    page.button(key="lx_exp_start").click().run()
+    assert [e.value for e in page.error] == [
+        "Not started: `report_to`: wandb needs the wandb package: pip install wandb"
+    ]
+    assert Store.open(data_dir).experiments().empty
 
 
 def test_run_these_on_the_search_page_opens_the_experiments_page_with_that_space(data_dir) -> None:
