@@ -493,10 +493,7 @@ class StoreWriter(_TuneCallback):
         self._end(int(trial.config["run_id"]), None)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        error = None
-        with contextlib.suppress(Exception):
-            error = trial.get_pickled_error()
-        self._end(int(trial.config["run_id"]), one_line(error) if error else "its Ray worker failed")
+        self._end(int(trial.config["run_id"]), _trial_error(trial))
 
     def _end(self, run_id: int, error: str | None) -> None:
         """A trial ended: write its outcome unless it wrote one itself."""
@@ -535,3 +532,14 @@ class StoreWriter(_TuneCallback):
 
 
 _SHARED_HINT = "give run_on_ray a storage_path that every Ray node reaches"
+
+
+def _trial_error(trial) -> str:
+    """The first line of the error Tune recorded for a failed trial (its worker died, mostly:
+    `run_training` itself records every exception of a run)."""
+    with contextlib.suppress(OSError, TypeError):
+        lines = Path(trial.error_file).read_text().splitlines()
+        found = [line.strip() for line in lines if line.strip() and not line.startswith("Failure #")]
+        if found:
+            return found[0]
+    return "its Ray worker ended"
