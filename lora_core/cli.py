@@ -178,6 +178,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--local", action="store_true", help="train here even when $RAY_ADDRESS is set")
     sweep.add_argument("--asha", action="store_true", help="on Ray: stop weak trials early (ASHA on eval loss)")
+    sweep.add_argument(
+        "--ray-storage",
+        metavar="PATH",
+        help="on Ray: where trials' adapters travel as Tune checkpoints (default: the data dir; on several "
+        "machines a shared folder or a bucket such as s3://...)",
+    )
     sweep.add_argument("--lr", type=float, default=1e-3, help="learning rate of trials the grid does not set")
     sweep.add_argument("--batch-size", type=int, default=4)
     sweep.add_argument("--seq-len", type=int, default=128)
@@ -516,6 +522,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if not grid and not args.space:
         raise _BadInput("give --grid NAME=V1,V2 (repeatable) or --space efficiency|balanced|thorough")
     plan = plan_experiment(settings, config, grid, args.space, args.seeds, args.tokens, args.name)
+    if args.asha and not address:
+        raise _BadInput("--asha stops trials early on a Ray cluster: add --ray (or drop --asha)")
+    if address:
+        from lora_core.experiments.ray_tune import check_ray
+
+        trial = plan.trials[0].config
+        check_ray(address, args.asha, trial.steps, trial.eval_every)  # before anything is written
     store = _open_store(args.out)
     runner = "ray" if address else "local"
     experiment_id = submit_experiment(store, plan, runner=runner, owner=CLI, ray_address=address)
@@ -538,7 +551,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if address:
         from lora_core.experiments.ray_tune import run_on_ray
 
-        run_on_ray(store, experiment_id, address, asha=args.asha)
+        summary = run_on_ray(store, experiment_id, address, asha=args.asha, storage_path=args.ray_storage)
+        if not args.json:
+            print(
+                f"Ray: {summary.address}, {summary.cpus:g} CPUs, {summary.gpus:g} GPUs; start-up {summary.ray_start_s:.1f} s,"
+                f" trials {summary.tune_s:.1f} s",
+                file=sys.stderr,
+            )
     else:
         run_local(store, experiment_id, on_trial=progress)
     experiment = store.experiment(experiment_id) or {}
@@ -559,6 +578,8 @@ def _ray_address(args: argparse.Namespace) -> str | None:
         if args.ray:
             raise _BadInput("--local and --ray contradict each other: give one")
         return None
+    if args.ray_storage and args.ray is None and not os.environ.get("RAY_ADDRESS"):
+        raise _BadInput("--ray-storage only applies on Ray: add --ray")
     address = args.ray if args.ray is not None else os.environ.get("RAY_ADDRESS")
     if address is not None and not address.strip():
         raise _BadInput("--ray: give an address (host:port, ray://host:port) or auto")

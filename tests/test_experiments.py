@@ -88,7 +88,9 @@ def test_the_articles_spaces_run_exactly_the_configurations_they_count(space) ->
     counted = count_search_space("HuggingFaceTB/SmolLM2-135M", space)
     assert len(plan.trials) == len(counted)
     planned = sorted((t.settings.r, t.settings.lora_alpha, t.settings.lora_dropout) for t in plan.trials)
-    assert planned == sorted(zip(counted["r"], counted["lora_alpha"].astype(float), counted["lora_dropout"], strict=True))
+    assert planned == sorted(
+        zip(counted["r"], counted["lora_alpha"].astype(float), counted["lora_dropout"], strict=True)
+    )
     assert set(space_grid(space)) == {"targets", "r", "alpha", "dropout"}
 
 
@@ -383,6 +385,21 @@ def test_sweep_json_ends_with_every_trials_settings_and_outcome(tiny_model, tmp_
     assert summary["best_run_id"] in {t["run_id"] for t in trials}
 
 
+def test_sweep_on_ray_trains_in_ray_workers_and_reports_like_a_local_one(tiny_model, tmp_path) -> None:
+    pytest.importorskip("ray")  # an optional extra for users; `make test` installs it
+    out = _sweep(
+        "--model", str(tiny_model), "--dataset", "reverse_list", "--steps", "2", "--eval-every", "1",
+        "--batch-size", "2", "--seq-len", "64", "--grid", "r=2,4", "--ray", "auto", "--out", str(tmp_path), "--json",
+        timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip())  # stdout holds the JSON object alone: Ray prints nothing there
+    assert summary["runner"] == "ray" and summary["status"] == "completed"
+    assert [t["status"] for t in summary["trials"]] == ["completed", "completed"]
+    assert all(t["trained_by"].startswith("ray worker pid") for t in summary["trials"])
+    assert all(t["final_eval_loss"] > 0 and t["tokens_per_s"] > 0 for t in summary["trials"])
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -409,6 +426,10 @@ def test_sweep_json_ends_with_every_trials_settings_and_outcome(tiny_model, tmp_
         (["--grid", "r=4", "--ray", "x", "--local"], "contradict"),
         (["--grid", "r=4", "--steps", "2", "--tokens", "9"], "not allowed with"),
         (["--grid", "r=4", "--report-to", "nope"], "invalid choice"),
+        (["--grid", "r=4", "--ray", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
+        (["--grid", "r=4", "--ray", "../../x"], "give host:port"),
+        (["--grid", "r=4", "--asha"], "add --ray"),
+        (["--grid", "r=4", "--ray-storage", "/tmp"], "only applies on Ray"),
     ],
 )
 def test_sweep_refuses_bad_input_with_exit_2_and_creates_nothing(tiny_model, tmp_path, args, message) -> None:

@@ -142,6 +142,20 @@ def require_ray() -> None:
         raise InputError(INSTALL_HINT)
 
 
+def check_ray(address: str, asha: bool = False, steps: int = 0, eval_every: int = 0) -> None:
+    """What can be checked before an experiment for Ray is written, so bad input creates nothing:
+    Ray installed, an explicit address (or $RAY_ADDRESS for "auto") answering, and ASHA given
+    evaluations before the last step. Raises `InputError` in one line."""
+    require_ray()
+    address = (address or "auto").strip()
+    target = os.environ.get("RAY_ADDRESS", "").strip() if address == "auto" else address
+    if target and (problem := _unreachable(target)) is not None:
+        where = f"$RAY_ADDRESS ({target})" if address == "auto" else target
+        raise InputError(f"cannot reach the Ray cluster at {where}: {problem}")
+    if asha and eval_every >= steps:
+        raise InputError("ASHA compares trials at evaluations before the last step: set eval_every below steps")
+
+
 def _tune(store: Store, experiment_id: int, specs: dict[int, dict], asha: bool, storage_path: str | None) -> None:
     """One Tune trial per run, on the Ray this process is connected to; returns when all ended."""
     from ray import tune
