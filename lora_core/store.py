@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pandas as pd
 
@@ -150,6 +150,22 @@ def _host_id() -> str:
 
 HOST = _host_id()
 _T = TypeVar("_T")
+
+
+class RunWriter(Protocol):
+    """What a training run writes through: `Store`, `NullStore`, or a stand-in that forwards a
+    run's writes elsewhere (a Ray trial sends them to its driver)."""
+
+    @property
+    def data_dir(self) -> Path: ...
+
+    def update_run(self, run_id: int, **fields: Any) -> None: ...
+
+    def add_metric(self, run_id: int, kind: str, step: int, **values: float | int | None) -> None: ...
+
+    def adapter_dir(self, run_id: int) -> Path: ...
+
+    def scratch_dir(self, run_id: int) -> Path: ...
 
 
 def default_data_dir() -> Path:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pandas as pd
 
@@ -358,7 +358,7 @@ def train_trial(config: dict, specs: dict[int, dict]) -> None:
     try:
         writer = TuneReportStore(folder, run_id, _worker_name(), train_config.steps)
         settings = LoraSettings.from_peft_dict(spec["settings"])
-        run_training(cast(Store, writer), run_id, train_config, settings, base_models=_models)
+        run_training(writer, run_id, train_config, settings, base_models=_models)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

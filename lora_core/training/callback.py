@@ -13,7 +13,7 @@ from typing import Protocol
 
 from transformers import TrainerCallback
 
-from lora_core.store import Store
+from lora_core.store import RunWriter
 
 
 class CancelFlag(Protocol):
@@ -26,7 +26,7 @@ class StoreCallback(TrainerCallback):
     """Writes each step's loss, learning rate, grad norm and tokens/s, and each eval loss, to the
     store; stops after the current step on cancel; fails the run on a NaN loss."""
 
-    def __init__(self, store: Store, run_id: int, cancel: CancelFlag) -> None:
+    def __init__(self, store: RunWriter, run_id: int, cancel: CancelFlag) -> None:
         self.store, self.run_id, self.cancel = store, run_id, cancel
         self.tokens = 0
         self.start = time.perf_counter()

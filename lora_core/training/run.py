@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from lora_core.devices import pick_device, train_dtype
 from lora_core.errors import InputError, one_line
 from lora_core.settings import LoraSettings
-from lora_core.store import Store
+from lora_core.store import RunWriter
 from lora_core.training.config import TrainConfig, load_model_and_tokenizer
 from lora_core.training.data import collator, load_dataset
 from lora_core.training.errors import TrainingError
@@ -83,7 +83,7 @@ class BaseModels:
 
 
 def run_training(
-    store: Store,
+    store: RunWriter,
     run_id: int,
     config: TrainConfig,
     settings: LoraSettings,
@@ -127,7 +127,7 @@ def _failure_message(error: BaseException) -> str:
 
 
 def _train(
-    store: Store,
+    store: RunWriter,
     run_id: int,
     config: TrainConfig,
     settings: LoraSettings,
@@ -195,7 +195,7 @@ def _restore(base_models: BaseModels, peft_model, saved: dict | None) -> None:
 
 
 def _train_adapter(
-    store: Store,
+    store: RunWriter,
     run_id: int,
     config: TrainConfig,
     cancel,
@@ -258,7 +258,7 @@ def _train_adapter(
     return _finish(store, run_id, peft_model, callback, cancel, trainable, device)
 
 
-def _tensorboard(store: Store, run_id: int, config: TrainConfig) -> list:
+def _tensorboard(store: RunWriter, run_id: int, config: TrainConfig) -> list:
     """Trainer's TensorBoard callback writing to $TENSORBOARD_LOGGING_DIR or the data dir's
     tensorboard/run-<id> (its default, under the run's scratch folder, is deleted when it ends)."""
     if "tensorboard" not in config.report_to:
@@ -319,7 +319,7 @@ def _training_arguments(config: TrainConfig, device: str, output_dir: str, run_i
     )
 
 
-def _finish(store: Store, run_id: int, peft_model, callback, cancel, trainable: int, device: str) -> RunResult:
+def _finish(store: RunWriter, run_id: int, peft_model, callback, cancel, trainable: int, device: str) -> RunResult:
     rate = sum(callback.tokens_per_s[1:]) / max(len(callback.tokens_per_s) - 1, 1) if callback.tokens_per_s else 0.0
     base = RunResult(run_id, "completed", trainable, callback.train_losses, callback.eval_losses, rate)
     final_eval = callback.eval_losses[-1][1] if callback.eval_losses else None
