@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -36,6 +37,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from lora_core.errors import InputError
 from lora_core.settings import LoraSettings
 from lora_core.store import Store
 
@@ -134,21 +136,18 @@ class Method:
             most = max(most, running)
         return most
 
-    def breakdown(self) -> dict[str, float] | None:
-        """Where the wall time outside training went, summed over processes (seconds); None when
-        trials overlapped, since then no such split exists."""
-        if self.concurrency() > 1:
-            return None
-        starts = sum(min(t.started for t in self._of(p)) - p.start for p in self.processes)
-        ends = sum(p.end - max(t.finished for t in self._of(p)) for p in self.processes)
-        in_runs = sum(t.span - t.training for t in self.trials)
-        between = self.wall - self.training - starts - ends - in_runs
-        return {
-            "start_to_first_run": starts,
-            "in_runs_outside_training": in_runs,
-            "between_runs": between,
-            "last_run_to_exit": ends,
+    def breakdown(self) -> dict[str, float]:
+        """Where the wall time outside training went, summed over processes (seconds): before each
+        process's first run started, inside runs (loading, tokenizing, adding the adapter, saving
+        it), and after its last run ended; with trials one after another, also between runs."""
+        parts = {
+            "start_to_first_run": sum(min(t.started for t in self._of(p)) - p.start for p in self.processes),
+            "in_runs_outside_training": sum(t.span - t.training for t in self.trials),
+            "last_run_to_exit": sum(p.end - max(t.finished for t in self._of(p)) for p in self.processes),
         }
+        if self.concurrency() == 1:
+            parts["between_runs"] = self.wall - self.training - sum(parts.values())
+        return parts
 
     def _of(self, process: Process) -> list[Trial]:
         return [t for t in self.trials if process.start <= t.started <= process.end] or self.trials
@@ -370,21 +369,28 @@ def parse_args() -> argparse.Namespace:
             parser.error("--trials: give 1 to 8")
         args.grid = [f"r={','.join(str(4 * 2**k) for k in range(args.trials))}"]
     args.grid = args.grid or list(DEFAULT_GRID)
+    if args.ray and importlib.util.find_spec("ray") is None:
+        parser.error('--ray needs Ray: pip install -r requirements-ray.txt (or "ray[tune]")')
     return args
 
 
 def main() -> None:
     args = parse_args()
+    try:
+        plan = make_plan(args)
+    except InputError as error:  # a bad --grid item or training value, in one line
+        print(f"bench_sweep.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     # With --json the figures' JSON is the only thing on stdout; the readable lines go to stderr.
     with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
-        rounds, summary = measure(args)
+        rounds, summary = measure(args, plan)
     if args.json:
         print(json.dumps({"args": vars(args), "rounds": rounds, "summary": summary}))
 
 
-def measure(args: argparse.Namespace) -> tuple[list[dict], dict]:
-    """Every round, printed as it ends, then the summary; returns (rounds' figures, summary)."""
-    plan = make_plan(args)
+def measure(args: argparse.Namespace, plan) -> tuple[list[dict], dict]:
+    """Every round of `plan`'s trials, printed as it ends, then the summary; returns (rounds'
+    figures, summary)."""
     print(
         f"setup: embedded SmolLM2-135M-Instruct, {args.dataset}, batch {args.batch_size} x {args.seq_len} tokens,"
         f" {args.steps} steps, eval every {args.eval_every} (+ before training and at the end), CPU;"
@@ -463,14 +469,20 @@ def summarise(rounds: list[dict[str, Method]], ray: bool) -> dict:
     if ray:
         ray_ratio = [m["ray"].ratio for m in rounds]
         init = [m["ray"].extra["ray_init_s"] for m in rounds]
-        extra = [(m["ray"].wall - m["ray"].training) - (m["local"].wall - m["local"].training) for m in rounds]
-        print(f"  on Ray: experiment wall / sum of its trials' training time: {listing(ray_ratio)}")
         print(
-            f"  Ray's own overhead on this machine: ray.init of the 2-CPU local cluster {listing(init, ' s', 1)}"
-            f" (before the experiment's wall); the Ray experiment's wall - sum of training, minus the"
-            f" local experiment's: {listing(extra, ' s', 1)} (trials that overlap make this smaller)"
+            f"  on Ray: experiment wall / sum of its trials' training time: {listing(ray_ratio)}"
+            f" (up to {max(m['ray'].concurrency() for m in rounds)} trials at once on its 2 CPUs)"
         )
-        summary.update(ray_ratio=ray_ratio, ray_init_s=init, ray_outside_beyond_local_s=extra)
+        print(
+            f"  Ray's own overhead: ray.init of the 2-CPU local cluster {listing(init, ' s', 1)} (outside every wall)"
+        )
+        parts = {}
+        for name in ("start_to_first_run", "in_runs_outside_training", "last_run_to_exit"):
+            on_ray = [m["ray"].breakdown()[name] for m in rounds]
+            local = [m["local"].breakdown()[name] for m in rounds]
+            parts[name] = {"ray": on_ray, "local": local}
+            print(f"    {name.replace('_', ' ')}: on Ray {listing(on_ray, ' s', 1)}; local {listing(local, ' s', 1)}")
+        summary.update(ray_ratio=ray_ratio, ray_init_s=init, ray_against_local_s=parts)
     return summary
 
 
