@@ -200,7 +200,10 @@ def test_an_experiment_of_two_trials_on_the_embedded_model_draws_both_curves_and
     ranks.press("Backspace")  # drops r=16: Q,V and All linear at r=4, two trials
     page.keyboard.press("Escape")
     page.get_by_role("spinbutton", name="Steps").fill("2")
-    page.get_by_role("spinbutton", name="Eval every").fill("1")
+    page.get_by_role("spinbutton", name="Eval every").fill("2")  # evaluated before the first step and after the last
+    length = page.locator("[data-testid='stSlider']", has_text="Sequence length").get_by_role("slider")
+    length.focus()
+    length.press("ArrowLeft")  # 128 -> 64 tokens
     page.get_by_role("button", name="Plan").click()
     wait_idle(page)
     assert metric(page, "Trials") == "2"
