@@ -209,6 +209,10 @@ if planning or starting:
                     plan.base_settings, config, plan.grid, plan.space, plan.seeds, plan.budget.get("tokens"), plan.name
                 )
             address = (ray_text.strip() or "auto") if runner == RAY else None
+            if address is not None:
+                from lora_core.experiments.ray_tune import check_ray
+
+                check_ray(address)  # Ray installed and the cluster answering, before anything is written
             experiment_id = submit_experiment(
                 store, plan, runner="ray" if runner == RAY else "local", owner=WORKER, ray_address=address
             )

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import unicodedata
-from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -14,18 +12,24 @@ import streamlit as st
 
 import lora_core
 from lora_core.adapters import adapter_zip, effective_ranks
-from lora_core.datasets import BUILTIN_TASKS, hub_dataset_id, parse_upload
 from lora_core.errors import InputError
-from lora_core.models import local_model_roots
 from lora_core.store import ACTIVE
-from lora_core.strategies import settings_on_model
 from lora_core.training import EMBEDDED, TrainConfig, memory_setup
 from lora_core.training.config import TRACKERS
-from pages.common import Upload, file_upload, page_state, read_upload, run_manager, sidebar_strategy
+from pages.common import (
+    MODEL_SOURCES,
+    chosen_dataset,
+    config_name,
+    dataset_fields,
+    follow_metrics,
+    page_state,
+    run_manager,
+    run_name,
+    store_upload,
+    training_model,
+    training_settings,
+)
 
-EMBEDDED_CONFIG = "HuggingFaceTB/SmolLM2-135M"  # same architecture and shapes as the embedded Instruct model
-UPLOAD, HUB = "Upload JSONL/CSV", "Hub dataset id"
-MAX_NAME_CHARS = 200
 # A poll reads at most these runs, however many the store holds: the curves drawn at once, and the
 # active runs given a progress bar (the rest of a long queue is counted).
 MAX_SHOWN, MAX_PROGRESS = 20, 8
@@ -44,67 +48,6 @@ st.write(
 )
 
 
-def training_settings(model_choice: str) -> tuple[lora_core.LoraSettings, str]:
-    """The sidebar's settings with the strategy mapped onto the training model's module names."""
-    strategy = sidebar_strategy()
-    if strategy is None:
-        return state.settings, ""
-    spec_name = EMBEDDED_CONFIG if model_choice == EMBEDDED else model_choice
-    try:
-        inv = lora_core.inventory(lora_core.resolve_model(spec_name, local_roots=local_model_roots()))
-        settings, _ = settings_on_model(state.settings, strategy, inv)
-    except InputError as error:
-        return state.settings, f"could not map {strategy} onto {spec_name}: {error}"
-    return settings, f"{strategy} on {spec_name}"
-
-
-def training_model(source: str, text: str) -> str:
-    """The model a run trains: the embedded one, or a Hub id / local folder that resolves under
-    this server's policy for local paths ($LORA_EXPLORER_MODEL_ROOTS). Raises `InputError`."""
-    if source.startswith("Embedded"):
-        return EMBEDDED
-    name = text.strip()
-    if not name:
-        raise InputError("give a Hub id or a local folder for the model, or pick the embedded model")
-    lora_core.resolve_model(name, local_roots=local_model_roots())  # a config that cannot resolve cannot train
-    return name
-
-
-def uploaded_dataset(upload) -> Upload:
-    """A dataset upload checked against its uploader's rule and parsed; store it with `store_upload`
-    once the run is accepted. Raises `InputError` in one line."""
-    checked = read_upload("lx_train_upload", upload)
-    parse_upload(checked.data, checked.name)  # DatasetError (an InputError) names the problem
-    return checked
-
-
-def store_upload(checked: Upload, data_dir: Path) -> Path:
-    """Write a checked upload to <data dir>/uploads/<content hash><checked suffix> (once: same
-    bytes, same file). The client's file name is only ever shown, never used as a path."""
-    folder = data_dir / "uploads"
-    path = folder / checked.stored_name
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            partial = path.with_suffix(".part")
-            partial.write_bytes(checked.data)
-            partial.replace(path)
-    except OSError as error:
-        raise InputError(f"{checked.name} could not be stored on the server ({error.strerror or error})") from None
-    return path
-
-
-def run_name(text: str) -> str | None:
-    """A run name as typed, stripped; None for an empty one. Raises `InputError` for one the runs
-    table cannot show as typed (control or direction-override characters, over 200 characters)."""
-    name = text.strip()
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") for c in name):
-        raise InputError("a run name cannot hold control or direction-override characters: retype it")
-    if len(name) > MAX_NAME_CHARS:
-        raise InputError(f"a run name is at most {MAX_NAME_CHARS} characters, this one has {len(name):,}")
-    return name or None
-
-
 def planned_memory(model_choice: str, settings: lora_core.LoraSettings, config: TrainConfig) -> str:
     """'; estimated peak at most ... MiB' for the embedded or a catalogue model on this server's
     device (sequences padded to the full length: the run's own estimate uses its longest example)."""
@@ -115,7 +58,7 @@ def planned_memory(model_choice: str, settings: lora_core.LoraSettings, config: 
     if device == "mps" or (model_choice != EMBEDDED and model_choice not in lora_core.catalogue_ids()):
         return ""
     try:
-        spec = lora_core.resolve_model(EMBEDDED_CONFIG if model_choice == EMBEDDED else model_choice)
+        spec = lora_core.resolve_model(config_name(model_choice))
         setup = memory_setup(config, config.seq_len, device)
         estimate = estimate_memory(lora_core.inventory(spec), settings, setup)
     except InputError:
@@ -125,16 +68,9 @@ def planned_memory(model_choice: str, settings: lora_core.LoraSettings, config: 
 
 with st.form("lx_train_form"):
     col1, col2 = st.columns(2)
-    model_source = col1.radio(
-        "Model", ["Embedded SmolLM2-135M-Instruct", "Hub id or local path"], key="lx_train_model_source"
-    )
+    model_source = col1.radio("Model", MODEL_SOURCES, key="lx_train_model_source")
     model_text = col1.text_input("Hub id or local folder (causal LM)", key="lx_train_model_text")
-    data_source = col2.radio("Dataset", ["Built-in task", UPLOAD, HUB], key="lx_train_data_source")
-    task = col2.selectbox(
-        "Built-in task", list(BUILTIN_TASKS), key="lx_train_task", format_func=lambda t: f"{t}: {BUILTIN_TASKS[t][1]}"
-    )
-    upload = file_upload("JSONL or CSV", "lx_train_upload", where=col2)
-    hub_dataset_id_text = col2.text_input("Hub dataset id", key="lx_train_hub_dataset")
+    data_source, task, upload, hub_dataset_id_text = dataset_fields("lx_train", col2)
     col3, col4, col5, col6, col7 = st.columns(5)
     steps = col3.number_input("Steps", 1, 2000, 60, key="lx_train_steps")
     learning_rate = col4.select_slider(
@@ -155,19 +91,14 @@ with st.form("lx_train_form"):
     submitted = st.form_submit_button("Start", type="primary")
 
 if submitted:
-    dataset, checked, settings, note = task, None, None, ""
+    checked, settings, note = None, None, ""
     try:
         model_choice = training_model(model_source, model_text)
-        if data_source == UPLOAD:
-            if upload is None:
-                raise InputError("choose a JSONL or CSV file to upload")
-            checked = uploaded_dataset(upload)
-        elif data_source == HUB:
-            dataset = f"hub:{hub_dataset_id(hub_dataset_id_text)}"
+        dataset, checked = chosen_dataset(data_source, task, "lx_train_upload", upload, hub_dataset_id_text)
         name = run_name(run_name_text)
         if state.error:
             raise InputError(f"the sidebar settings are invalid: {state.error}")
-        settings, note = training_settings(model_choice)
+        settings, note = training_settings(state, model_choice)
         config = TrainConfig(
             model=model_choice,
             dataset=dataset,
@@ -195,22 +126,6 @@ if submitted:
             + (f" ({details})" if details else "")
             + planned_memory(model_choice, settings, config)
         )
-
-
-def followed(run_ids: list[int]) -> dict[int, tuple[int, pd.DataFrame | None]]:
-    """Each run's newest `seq` (0 before any point) and its metric rows (None before any). They are
-    held in this session and topped up with only the rows written since the last poll: one index
-    range per run, whatever the store holds. Runs not asked for are dropped, so a session holds
-    only what it shows."""
-    held = st.session_state.get("lx_live_metrics", {})
-    held = {run_id: held.get(run_id, (0, None)) for run_id in run_ids}
-    new = store.metrics_since({run_id: seq for run_id, (seq, _) in held.items()})
-    for run_id, rows in new.groupby("run_id"):
-        frame = rows if held[run_id][1] is None else pd.concat([held[run_id][1], rows])
-        frame = frame.drop_duplicates(["kind", "step"], keep="last").sort_values(["kind", "step"])
-        held[run_id] = (int(rows["seq"].max()), frame)
-    st.session_state["lx_live_metrics"] = held
-    return held
 
 
 def progress_panel(active: pd.DataFrame, metrics: dict[int, pd.DataFrame], not_shown: int) -> None:
@@ -273,7 +188,7 @@ def live(polling: bool, any_runs: bool) -> None:
     active_ids = store.active_run_ids()
     picked = st.session_state.get("lx_overlay", [])
     runs = store.runs(list(dict.fromkeys([*picked[:MAX_SHOWN], *active_ids[:MAX_PROGRESS]])))
-    held = followed(runs["id"].tolist())
+    held = follow_metrics(store, runs["id"].tolist(), "lx_live_metrics")
     metrics = {run_id: frame for run_id, (_, frame) in held.items() if frame is not None}
     active = runs[runs["status"].isin(ACTIVE)]
     progress_panel(active, metrics, len(active_ids) - len(active))

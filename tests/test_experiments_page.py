@@ -131,6 +131,17 @@ def test_a_tracker_that_is_not_installed_is_refused_in_one_line(page: AppTest, d
     assert Store.open(data_dir).experiments().empty
 
 
+def test_a_ray_cluster_that_does_not_answer_is_named_before_anything_is_written(page: AppTest, data_dir) -> None:
+    pytest.importorskip("ray")  # an optional extra for users; `make test` installs it
+    page.radio(key="lx_exp_runner").set_value("A Ray cluster")
+    page.text_input(key="lx_exp_ray").set_value("127.0.0.1:1")
+    page.button(key="lx_exp_start").click().run()
+    assert [e.value for e in page.error] == [
+        "Not started: cannot reach the Ray cluster at 127.0.0.1:1: [Errno 111] Connection refused"
+    ]
+    assert Store.open(data_dir).experiments().empty and page.text_input(key="lx_exp_ray").value == "127.0.0.1:1"
+
+
 def test_run_these_on_the_search_page_opens_the_experiments_page_with_that_space(data_dir) -> None:
     at = open_page("search")
     at.radio(key="lx_search_priority").set_value("efficiency").run()

@@ -28,7 +28,7 @@ from pages.common import resources
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
-PAGES = ["overview", "rank", "alpha", "targets", "dropout", "search", "memory", "finetune", "export"]
+PAGES = ["overview", "rank", "alpha", "targets", "dropout", "search", "memory", "finetune", "experiments", "export"]
 SOURCES = ["Catalogue", "Hub id or path", "Upload config.json"]
 
 LONG = "x" * 10_000
@@ -71,11 +71,16 @@ TEXT_PLANS = {
     "lx_train_hub_dataset": Plan({"lx_train_data_source": "Hub dataset id"}, "start"),
     "lx_train_name": Plan({"lx_train_model_source": "Embedded SmolLM2-135M-Instruct"}, "start"),
     "lx_rename_text_*": Plan(commit="lx_rename"),
+    "lx_exp_model_text": Plan({"lx_exp_model_source": "Hub id or local path"}, "start"),
+    "lx_exp_hub_dataset": Plan({"lx_exp_data_source": "Hub dataset id"}, "start"),
+    "lx_exp_name": Plan({"lx_exp_model_source": "Embedded SmolLM2-135M-Instruct"}, "start"),
+    "lx_exp_ray": Plan({"lx_exp_runner": "A Ray cluster"}, "start"),
 }
 UPLOAD_PLANS = {
     "lx_upload": Plan({"lx_source": "Upload config.json"}),
     "lx_import_upload": Plan(),
     "lx_train_upload": Plan({"lx_train_data_source": "Upload JSONL/CSV"}, "start"),
+    "lx_exp_upload": Plan({"lx_exp_data_source": "Upload JSONL/CSV"}, "start"),
 }
 # Content each uploader would accept: hostile names travel with it, so the name alone is tested.
 # The sidebar's config.json gets one that is refused (a valid one would switch the model).
@@ -86,6 +91,7 @@ BENIGN = {
         json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}).encode() + b"\n" for i in range(20)
     ),
 }
+BENIGN["lx_exp_upload"] = BENIGN["lx_train_upload"]
 
 
 def plan_key(key: str) -> str:
@@ -166,8 +172,8 @@ def commit(at: AppTest, how: str | None) -> None:
         at.run()
 
 
-# The Fine-tune form's fields, each at a value it accepts: set before each of its plans, so the
-# value under test is the only bad one and reaches its own check.
+# The training forms' fields (Fine-tune's, then the Experiments page's), each at a value it accepts:
+# set before each of its plans, so the value under test is the only bad one and reaches its own check.
 FORM_BENIGN = {
     "lx_train_model_source": "Embedded SmolLM2-135M-Instruct",
     "lx_train_data_source": "Built-in task",
@@ -175,13 +181,23 @@ FORM_BENIGN = {
     "lx_train_hub_dataset": "",
     "lx_train_name": "",
 }
+EXPERIMENT_BENIGN = {
+    "lx_exp_model_source": "Embedded SmolLM2-135M-Instruct",
+    "lx_exp_data_source": "Built-in task",
+    "lx_exp_runner": "This server's worker",
+    "lx_exp_model_text": "",
+    "lx_exp_hub_dataset": "",
+    "lx_exp_name": "",
+    "lx_exp_ray": "",
+}
 
 
 def set_widgets(at: AppTest, plan: Plan) -> None:
-    """The plan's setup; the Fine-tune form's fields first set to values it accepts."""
-    values = (FORM_BENIGN if plan.commit == "start" else {}) | plan.setup
+    """The plan's setup; the form's fields first set to values it accepts."""
+    form = EXPERIMENT_BENIGN if any(key.startswith("lx_exp_") for key in plan.setup) else FORM_BENIGN
+    values = (form if plan.commit == "start" else {}) | plan.setup
     for key, value in values.items():
-        (at.radio if key.endswith("_source") else at.text_input)(key=key).set_value(value)
+        (at.radio if key.endswith(("_source", "_runner")) else at.text_input)(key=key).set_value(value)
     if values and plan.commit != "start":
         at.run()  # a sidebar mode: shows the input under test (a form's fields wait for Start)
 

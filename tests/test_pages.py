@@ -247,7 +247,7 @@ def test_a_link_bias_the_engine_does_not_know_keeps_the_default() -> None:
 
 # --- hostile input: each defect below was a traceback or a silent change before the fix ---------
 
-EVERY_PAGE = [*PAGES, "finetune"]
+EVERY_PAGE = [*PAGES, "finetune", "experiments"]
 
 
 def visit_every_page(at: AppTest) -> None:
