@@ -155,6 +155,21 @@ def test_a_plan_shows_its_largest_peak_and_a_wall_time_from_this_stores_history(
     assert after["seconds"] == pytest.approx(2.5 * 40) and "1 earlier run" in after["basis"]
 
 
+def test_without_runs_of_the_model_the_time_is_scaled_from_other_models_by_their_work(tmp_path) -> None:
+    import lora_core
+
+    store = Store.open(tmp_path)
+    config = {"batch_size": 2, "seq_len": 64, "steps": 10}
+    run_id = store.create_run("other", "/some/model", "json_extraction", {}, config)
+    store.update_run(run_id, status="completed", device="cpu", started=0.0, finished=30.0, all_params=10_000_000)
+    plan = plan_experiment(BASE, TrainConfig(steps=10, batch_size=4, seq_len=128), parse_grid(["r=4,8"]))
+    params = lora_core.inventory(lora_core.resolve_model("HuggingFaceTB/SmolLM2-135M")).total_params
+    estimate = estimate_plan(store, plan, device="cpu")
+    per_step = 3.0 / (10_000_000 * 2 * 64) * params * 4 * 128
+    assert estimate["seconds"] == pytest.approx(per_step * 20) and "scaled by parameters" in estimate["basis"]
+    assert estimate_plan(store, plan, device="cuda")["seconds"] is None  # another device's pace says nothing
+
+
 # --- ranking -----------------------------------------------------------------------------------
 
 

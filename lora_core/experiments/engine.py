@@ -329,20 +329,26 @@ def estimate_plan(store: Store | None, plan: ExperimentPlan, device: str | None 
     """What the page shows before Start: `trials`, `largest_peak_mb` (the largest trial's estimated
     peak memory, None where it cannot be estimated) and `largest` (its label), `seconds` (the
     whole experiment's estimated wall time, None without history) with `basis` saying where that
-    comes from: the median seconds per step of earlier completed runs with the same model, device,
-    batch size and sequence length in the store."""
+    comes from: the median seconds per step of earlier completed runs in the store on this device,
+    of the same model, batch size and sequence length when there are any, else of any model,
+    scaled by parameters x tokens per step (the work of a step)."""
     from lora_core.devices import pick_device
 
     device = device or pick_device(plan.base_config.device)
-    largest, largest_label = _largest_peak(plan, device)
-    seconds, basis = None, "no completed run of this model at this batch and length on this device yet"
+    inv = _plan_inventory(plan)
+    largest, largest_label = _largest_peak(plan, device, inv)
+    seconds, basis = None, "no completed run on this device yet; the first trials will show the pace"
     if store is not None:
-        per_step = _history_seconds_per_step(store, plan.base_config, device)
+        per_step = _history_seconds_per_step(store, plan.base_config, device, inv.total_params if inv else None)
         if per_step is not None:
-            value, count = per_step
-            steps = sum(trial.config.steps for trial in plan.trials)
-            seconds = value * steps
-            basis = f"{value:.2f} s per step, the median of {count} earlier run{'s' * (count != 1)} here"
+            value, count, scaled = per_step
+            seconds = value * sum(trial.config.steps for trial in plan.trials)
+            runs = f"{count} earlier run{'s' * (count != 1)} here"
+            basis = (
+                f"about {value:.2f} s per step, scaled by parameters x tokens per step from {runs}"
+                if scaled
+                else f"{value:.2f} s per step, the median of {runs} of this model, batch and length"
+            )
     return {
         "trials": len(plan.trials),
         "largest_peak_mb": largest,
@@ -352,19 +358,23 @@ def estimate_plan(store: Store | None, plan: ExperimentPlan, device: str | None 
     }
 
 
-def _largest_peak(plan: ExperimentPlan, device: str) -> tuple[float | None, str]:
+def _plan_inventory(plan: ExperimentPlan):
     import lora_core
-    from lora_core.memory import estimate_memory
     from lora_core.models import local_model_roots
-    from lora_core.training.memory import memory_setup
 
-    if device == "mps":
-        return None, ""
     try:
-        inv = lora_core.inventory(
+        return lora_core.inventory(
             lora_core.resolve_model(_spec_name(plan.base_config.model), local_roots=local_model_roots())
         )
     except InputError:
+        return None
+
+
+def _largest_peak(plan: ExperimentPlan, device: str, inv) -> tuple[float | None, str]:
+    from lora_core.memory import estimate_memory
+    from lora_core.training.memory import memory_setup
+
+    if device == "mps" or inv is None:
         return None, ""
     best: tuple[float | None, str] = (None, "")
     seen: set = set()
@@ -383,21 +393,33 @@ def _largest_peak(plan: ExperimentPlan, device: str) -> tuple[float | None, str]
     return best
 
 
-def _history_seconds_per_step(store: Store, config: TrainConfig, device: str) -> tuple[float, int] | None:
+def _history_seconds_per_step(
+    store: Store, config: TrainConfig, device: str, params: int | None
+) -> tuple[float, int, bool] | None:
+    """(seconds per step, how many runs it comes from, whether it was scaled from other models or
+    sizes) from this store's completed runs on `device`, or None."""
+    import json
+
     runs = store.runs()
     if runs.empty:
         return None
-    done = runs[(runs["status"] == "completed") & (runs["model"] == config.model) & (runs["device"] == device)]
-    samples = []
-    import json
-
-    for run in done.head(200).to_dict("records"):
+    done = runs[(runs["status"] == "completed") & (runs["device"] == device)].head(500)
+    same, work = [], []
+    for run in done.to_dict("records"):
         run_config = json.loads(run["config"]) if isinstance(run["config"], str) else run["config"]
-        same = run_config.get("batch_size") == config.batch_size and run_config.get("seq_len") == config.seq_len
-        steps = run_config.get("steps")
-        if same and steps and _number(run.get("started")) and _number(run.get("finished")):
-            samples.append((run["finished"] - run["started"]) / steps)
-    return (statistics.median(samples), len(samples)) if samples else None
+        steps, batch, seq = (run_config.get(key) for key in ("steps", "batch_size", "seq_len"))
+        if not (steps and batch and seq and _number(run.get("started")) and _number(run.get("finished"))):
+            continue
+        per_step = (run["finished"] - run["started"]) / steps
+        if run["model"] == config.model and batch == config.batch_size and seq == config.seq_len:
+            same.append(per_step)
+        if _number(run.get("all_params")) and run["all_params"] > 0:
+            work.append(per_step / (run["all_params"] * batch * seq))
+    if same:
+        return statistics.median(same), len(same), False
+    if work and params:
+        return statistics.median(work) * params * config.batch_size * config.seq_len, len(work), True
+    return None
 
 
 def experiment_progress(runs: pd.DataFrame, now: float | None = None) -> dict[str, Any]:
