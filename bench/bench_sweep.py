@@ -438,11 +438,13 @@ def summarise(rounds: list[dict[str, Method]], ray: bool) -> dict:
     outside = [m["local"].wall - m["local"].training for m in rounds]
     separate_outside = [m["separate"].wall - m["separate"].training for m in rounds]
     speedup = [m["separate"].wall / m["local"].wall for m in rounds]
-    met = statistics.median(ratio) <= GOAL
+    # Other processes slow the training far more than the fixed costs, which lowers the ratio:
+    # the verdict takes the highest ratio, the round whose training was least slowed.
+    met = max(ratio) <= GOAL
     print("summary (other people train on this 2-core VM at the same time: each figure per round, then the median):")
     print(
         f"  local experiment wall / sum of its trials' training time: {listing(ratio)}"
-        f" (goal <= {GOAL}x: {'met' if met else 'NOT met'})"
+        f" (goal <= {GOAL}x, judged on the highest: {'met' if met else 'NOT met'})"
     )
     print(
         f"  reference, separate `train` runs' wall / sum of their training time: {listing([m['separate'].ratio for m in rounds])}"
