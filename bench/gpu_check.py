@@ -13,7 +13,10 @@ On a machine with CUDA it
   (d) trains the embedded model a few steps for a few configs (q,v r=8 and all-linear r=16, batch
       4 x 256 and 16 x 512, on text long enough that every example fills the sequence) through the
       same CLI path and compares each measured peak with `lora_core.memory.estimate_memory` for the
-      matching `TrainSetup` (`training.memory_setup`, unpadded: equal-length batches carry no mask).
+      matching `TrainSetup` (`training.memory_setup`, unpadded: equal-length batches carry no mask);
+  (e) runs an experiment of 4 trials (Q,V and all-linear x r=4 and 64) through `sweep` on one
+      loaded model and checks that each trial completes on the GPU and that each trial's peak is
+      its own (reset between trials) and within the estimate's goal.
 Every part runs in a subprocess with a timeout taken from one overall budget (295 s by default).
 It prints one table (check | result | time | detail) and exits 0 when every check passed, 1 when
 any failed. `--out FILE` also writes the table to FILE and every subprocess's output to FILE.log.
@@ -67,6 +70,7 @@ DROPOUT_SMALL = {"d_in": 64, "d_out": 64, "rank": 8, "dropout_rates": (0.0, 0.1,
 
 # (c) the app's run, as the issue states it
 TRAIN_STEPS = 20
+SWEEP_STEPS = 5
 # (d) configs: LoRA settings as PEFT adapter_config fields, batch x sequence
 QV_R8 = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
 ALL_R16 = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
@@ -581,6 +585,67 @@ def bf16_run_row(outcome: TrainOutcome) -> Row:
     return Row(check, FAIL if problems else PASS, outcome.done.seconds, detail)
 
 
+def sweep_args(out_dir: Path, model: str = "embedded", device: str = "cuda", steps: int = SWEEP_STEPS) -> list[str]:
+    """Four trials of different sizes in one process: a trial's peak that was not reset after a
+    larger one would show as the larger one's."""
+    args = ["sweep", "--model", model, "--dataset", "json_extraction", "--steps", str(steps), "--device", device]
+    return [
+        *args,
+        "--eval-every",
+        str(steps),
+        "--grid",
+        "r=4,64",
+        "--grid",
+        "targets=Q,V|All linear",
+        "--json",
+        "--out",
+        str(out_dir),
+    ]
+
+
+def run_sweep(cli_args: Sequence[str], timeout: float, env: dict[str, str], log: Log) -> tuple[Done, dict | None]:
+    command = [sys.executable, "-m", "lora_core", *cli_args]
+    done = run_subprocess(command, timeout, env)
+    log.add("experiment", command, done)
+    summary = None
+    with contextlib.suppress(json.JSONDecodeError, IndexError):
+        summary = json.loads(done.stdout.strip().splitlines()[-1])
+    return done, summary
+
+
+def experiment_row(done: Done, summary: dict | None, device: str = "cuda") -> Row:
+    """(e): an experiment's trials on one loaded model: every trial completes, in this process, and
+    each trial's peak is its own (reset between trials), within the estimate's goal."""
+    check = "experiment: 4 trials on one loaded model"
+    if summary is None:
+        return Row(check, FAIL, done.seconds, done.last_error())
+    trials = summary.get("trials") or []
+    problems = [f"trial {t['trial']} {t['status']}: {t['error']}" for t in trials if t["status"] != "completed"]
+    if len(trials) != 4:
+        problems.append(f"{len(trials)} trials, not 4")
+    if any(not str(t.get("trained_by") or "").startswith("pid") for t in trials):
+        problems.append("a trial did not train in this process")
+    errors = [estimate_error(t.get("memory_estimate_mb"), t.get("peak_memory_mb")) for t in trials]
+    if any(e is None or abs(e) > ESTIMATE_GOAL for e in errors):
+        problems.append(f"a trial's peak is off its estimate by more than {ESTIMATE_GOAL:.0%}")
+    detail = "; ".join(
+        f"{t['label']}: {t.get('peak_memory_mb') or 0:,.0f} MiB ({e:+.1%})"
+        if e is not None
+        else f"{t['label']}: no peak"
+        for t, e in zip(trials, errors, strict=True)
+    )
+    if problems:
+        detail += "; " + "; ".join(problems)
+    return Row(check, FAIL if problems else PASS, done.seconds, detail)
+
+
+def check_experiment(budget: Budget, env: dict[str, str], log: Log, work: Path) -> Row:
+    timeout = budget.timeout(90)
+    if timeout is None:
+        return not_run("experiment: 4 trials on one loaded model", budget)
+    return experiment_row(*run_sweep(sweep_args(work / "store-experiment"), timeout, env, log))
+
+
 def write_long_dataset(path: Path, rows: int = 200, words: int = 1000, seed: int = 0) -> Path:
     """JSONL of `text` rows long enough that every example fills a 512-token sequence, so each
     batch is exactly batch x seq tokens (and unpadded). 10% of the rows become the eval split."""
@@ -785,6 +850,8 @@ def run_checks(budget: Budget, log: Log) -> list[Row]:
         rows.append(check_bf16_run(budget, env, log, work))
         say("memory estimate against max_memory_allocated for each config")
         rows += check_memory(budget, env, log, work, model_dir)
+        say(f"an experiment of 4 trials of {SWEEP_STEPS} steps on one loaded model")
+        rows.append(check_experiment(budget, env, log, work))
     return rows
 
 

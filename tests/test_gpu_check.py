@@ -281,3 +281,25 @@ def test_training_worker_plumbing_on_the_cpu(tmp_path) -> None:
     assert mib == pytest.approx(run["memory_estimate_mb"], rel=1e-9)
     row = gpu_check.bf16_run_row(outcome)  # a CPU run is no bf16 run
     assert row.result == "FAIL" and "not bfloat16" not in row.detail and "no bf16" in row.detail
+
+
+def test_experiment_rows_judge_each_trials_own_peak() -> None:
+    done = gpu_check.Done(0, "", "", 30.0, False)
+    trial = {"status": "completed", "error": None, "trained_by": "pid 1 on h", "label": "Q,V r=4"}
+    trials = [{**trial, "trial": i, "peak_memory_mb": 1000.0, "memory_estimate_mb": 1100.0} for i in range(1, 5)]
+    row = gpu_check.experiment_row(done, {"trials": trials})
+    assert row.result == "PASS" and row.detail.count("(+10.0%)") == 4
+    inflated = [*trials[:3], {**trials[3], "peak_memory_mb": 2000.0}]  # a peak not reset after a larger trial
+    assert gpu_check.experiment_row(done, {"trials": inflated}).result == "FAIL"
+    failed = [*trials[:3], {**trials[3], "status": "failed", "error": "oom"}]
+    assert "trial 4 failed: oom" in gpu_check.experiment_row(done, {"trials": failed}).detail
+    assert gpu_check.experiment_row(done, None).result == "FAIL"
+
+
+def test_experiment_plumbing_on_the_cpu(tmp_path) -> None:
+    model = build_tiny_causal_lm(tmp_path / "tiny")
+    args = gpu_check.sweep_args(tmp_path / "store", model=str(model), device="cpu", steps=2)
+    done, summary = gpu_check.run_sweep(args, 300, gpu_check.check_env(tmp_path / "data"), gpu_check.Log())
+    assert summary is not None, done.stderr[-2000:]
+    assert [t["status"] for t in summary["trials"]] == ["completed"] * 4
+    assert [t["label"] for t in summary["trials"]] == ["Q,V r=4", "Q,V r=64", "All linear r=4", "All linear r=64"]
