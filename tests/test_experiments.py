@@ -3,11 +3,13 @@ the `sweep` CLI. Tiny random models train in seconds; nothing touches the networ
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -327,8 +329,9 @@ def test_a_killed_sweep_leaves_its_trials_interrupted(tiny_model, tmp_path) -> N
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and process.poll() is None:
-            if (data / "runs.sqlite").exists() and len(Store(data).metrics()) >= 2:
-                break
+            with contextlib.suppress(sqlite3.Error):  # the store may exist before its tables do
+                if (data / "runs.sqlite").exists() and len(Store(data).metrics()) >= 2:
+                    break
             time.sleep(0.2)
         assert process.poll() is None, "the sweep ended before it could be killed"
         process.send_signal(signal.SIGKILL)
