@@ -14,7 +14,7 @@ adapter, and saving it. An experiment's cost is its process's wall time, from st
 Each process is `python -m lora_core` as the user runs it, with a counter around the model loader
 (`lora_core.training.run.load_model_and_tokenizer`) that prints how often it was called.
 
-Run: `.venv/bin/python bench/bench_sweep.py [--trials 4 | --grid r=4,16 ...] [--steps 8] [--rounds 2]
+Run: `.venv/bin/python bench/bench_sweep.py [--trials 4 | --grid r=4,16 ...] [--steps 20] [--rounds 2]
 [--ray] [--json]` (embedded SmolLM2-135M-Instruct, json_extraction, batch 4 x 128 tokens, CPU).
 """
 
@@ -354,7 +354,7 @@ def parse_args() -> argparse.Namespace:
     trials = parser.add_mutually_exclusive_group()
     trials.add_argument("--trials", type=int, help="N trials: r = 4, 8, 16, ... on q_proj,v_proj")
     trials.add_argument("--grid", action="append", help=f"sweep --grid items (default: {' '.join(DEFAULT_GRID)})")
-    parser.add_argument("--steps", type=int, default=8, help="training steps per trial")
+    parser.add_argument("--steps", type=int, default=20, help="training steps per trial (sweep's default)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, alternating which path goes first")
     parser.add_argument("--dataset", default="json_extraction")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -478,13 +478,15 @@ def summarise(rounds: list[dict[str, Method]], ray: bool) -> dict:
         print(
             f"  Ray's own overhead: ray.init of the 2-CPU local cluster {listing(init, ' s', 1)} (outside every wall)"
         )
+        against = [(m["ray"].wall + m["ray"].extra["ray_init_s"]) / m["local"].wall for m in rounds]
+        print(f"    Ray experiment wall + ray.init / local experiment wall: {listing(against)}")
         parts = {}
         for name in ("start_to_first_run", "in_runs_outside_training", "last_run_to_exit"):
             on_ray = [m["ray"].breakdown()[name] for m in rounds]
             local = [m["local"].breakdown()[name] for m in rounds]
             parts[name] = {"ray": on_ray, "local": local}
             print(f"    {name.replace('_', ' ')}: on Ray {listing(on_ray, ' s', 1)}; local {listing(local, ' s', 1)}")
-        summary.update(ray_ratio=ray_ratio, ray_init_s=init, ray_against_local_s=parts)
+        summary.update(ray_ratio=ray_ratio, ray_init_s=init, ray_wall_over_local=against, ray_against_local_s=parts)
     return summary
 
 
