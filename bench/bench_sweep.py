@@ -288,12 +288,9 @@ def report_method(method: Method) -> dict:
     outside = method.wall - method.training
     print(f"    sum of training {method.training:.1f} s; wall - sum of training {outside:+.1f} s")
     parts = method.breakdown()
-    if parts is None:
+    print("    of which: " + ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in parts.items()))
+    if method.concurrency() > 1:
         print(f"    trials overlapped: up to {method.concurrency()} trained at once")
-    else:
-        print(
-            "    of which: " + ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in parts.items())
-        )
     counted = "not counted" if None in loads else f"{sum(loads)} ({' + '.join(map(str, loads))})"
     print(
         f"    model loads counted in the `python -m lora_core` process(es): {counted};"
