@@ -125,33 +125,13 @@ def _build_parser() -> argparse.ArgumentParser:
     memory.set_defaults(handler=_cmd_memory)
 
     train = commands.add_parser("train", help="a short LoRA fine-tuning run, written to the run store")
-    train.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), a Hub id or a folder")
-    train.add_argument(
-        "--dataset", default="json_extraction", help="built-in task, upload:PATH (JSONL/CSV) or hub:REPO"
-    )
     train.add_argument("--steps", type=int, default=60)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--batch-size", type=int, default=4)
-    train.add_argument("--seq-len", type=int, default=128)
-    train.add_argument("--eval-every", type=int, default=10)
-    train.add_argument("--lora", help="adapter_config.json with the LoRA settings")
-    train.add_argument(
-        "--out", help="data directory of the run store (default: $LORA_EXPLORER_DATA or the user data dir)"
-    )
-    train.add_argument("--name", help="run name")
-    train.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
-    train.add_argument(
-        "--report-to", action="append", default=[], choices=tuple(TRACKERS), help="a tracker, repeatable"
-    )
+    _add_run_flags(train, "run name", "adapter_config.json with the LoRA settings")
     _add_settings_flags(train)
     train.add_argument("--json", action="store_true", help="end with one JSON object instead of a summary")
     train.set_defaults(handler=_cmd_train)
 
     sweep = commands.add_parser("sweep", help="an experiment: a grid of LoRA configs trained and compared")
-    sweep.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), a Hub id or a folder")
-    sweep.add_argument(
-        "--dataset", default="json_extraction", help="built-in task, upload:PATH (JSONL/CSV) or hub:REPO"
-    )
     budget = sweep.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, default=20, help="training steps per trial (default 20)")
     budget.add_argument("--tokens", type=int, help="training tokens per trial (batch x sequence length per step)")
@@ -184,19 +164,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="on Ray: where trials' adapters travel as Tune checkpoints (default: the data dir; on several "
         "machines a shared folder or a bucket such as s3://...)",
     )
-    sweep.add_argument("--lr", type=float, default=1e-3, help="learning rate of trials the grid does not set")
-    sweep.add_argument("--batch-size", type=int, default=4)
-    sweep.add_argument("--seq-len", type=int, default=128)
-    sweep.add_argument("--eval-every", type=int, default=10)
-    sweep.add_argument(
-        "--report-to", action="append", default=[], choices=tuple(TRACKERS), help="a tracker, repeatable"
-    )
-    sweep.add_argument("--lora", help="adapter_config.json with the base LoRA settings")
-    sweep.add_argument(
-        "--out", help="data directory of the run store (default: $LORA_EXPLORER_DATA or the user data dir)"
-    )
-    sweep.add_argument("--name", help="experiment name")
-    sweep.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    _add_run_flags(sweep, "experiment name", "adapter_config.json with the base LoRA settings of every trial")
     _add_settings_flags(sweep)
     sweep.add_argument("--json", action="store_true", help="end with one JSON object instead of a table")
     sweep.set_defaults(handler=_cmd_sweep)
@@ -207,6 +175,27 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true")
     search.set_defaults(handler=_cmd_search)
     return parser
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, name_help: str, lora_help: str) -> None:
+    """What `train` and `sweep` train on and how (`_train_config` reads them), and where it is kept."""
+    parser.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), a Hub id or a folder")
+    parser.add_argument(
+        "--dataset", default="json_extraction", help="built-in task, upload:PATH (JSONL/CSV) or hub:REPO"
+    )
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (sweep: of trials the grid does not set)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    parser.add_argument(
+        "--report-to", action="append", default=[], choices=tuple(TRACKERS), help="a tracker, repeatable"
+    )
+    parser.add_argument("--lora", help=lora_help)
+    parser.add_argument(
+        "--out", help="data directory of the run store (default: $LORA_EXPLORER_DATA or the user data dir)"
+    )
+    parser.add_argument("--name", help=name_help)
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -444,20 +433,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import threading
 
     from lora_core.store import CLI, NullStore, Store
-    from lora_core.training import TrainConfig, preflight, process_rank, run_training
+    from lora_core.training import preflight, process_rank, run_training
 
     settings = _lora_file_or_default(args)
-    config = TrainConfig(
-        model=args.model,
-        dataset=args.dataset,
-        steps=args.steps,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        eval_every=args.eval_every,
-        device=args.device,
-        report_to=tuple(dict.fromkeys(args.report_to)),
-    )
+    config = _train_config(args)
     preflight(config, settings)  # bad input exits 2 here, before a run exists
     # Under `accelerate launch` on several GPUs every rank trains; only rank 0 writes the run.
     primary = process_rank() == 0
@@ -500,14 +479,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return code
 
 
-def _cmd_sweep(args: argparse.Namespace) -> int:
-    from lora_core.experiments import parse_grid, plan_experiment, results, run_local, submit_experiment
-    from lora_core.store import CLI
+def _train_config(args: argparse.Namespace):
+    """The `TrainConfig` of `train`'s and `sweep`'s shared flags (checked by `preflight`)."""
     from lora_core.training import TrainConfig
 
-    address = _ray_address(args)
-    settings = _lora_file_or_default(args)
-    config = TrainConfig(
+    return TrainConfig(
         model=args.model,
         dataset=args.dataset,
         steps=args.steps,
@@ -518,6 +494,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         device=args.device,
         report_to=tuple(dict.fromkeys(args.report_to)),
     )
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from lora_core.experiments import parse_grid, plan_experiment, results, run_local, submit_experiment
+    from lora_core.store import CLI
+
+    address = _ray_address(args)
+    settings = _lora_file_or_default(args)
+    config = _train_config(args)
     grid = parse_grid(args.grid)
     if not grid and not args.space:
         raise _BadInput("give --grid NAME=V1,V2 (repeatable) or --space efficiency|balanced|thorough")
