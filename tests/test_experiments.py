@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from tiny_model import build_tiny_causal_lm
+from tiny_model import tiny_train_config as tiny_config
 
 from lora_core.experiments import (
     GridError,
@@ -43,20 +44,6 @@ BASE = LoraSettings(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"))
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model")
-
-
-def tiny_config(model: Path, **changes) -> TrainConfig:
-    base = {
-        "model": str(model),
-        "dataset": "reverse_list",
-        "steps": 3,
-        "eval_every": 2,
-        "eval_examples": 8,
-        "batch_size": 2,
-        "seq_len": 64,
-        "learning_rate": 1e-2,
-    }
-    return TrainConfig(**{**base, **changes})
 
 
 # --- grids -------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from tiny_model import build_tiny_causal_lm
+from tiny_model import tiny_train_config as tiny_config
 
 from lora_core.errors import InputError
 from lora_core.experiments import parse_grid, plan_experiment, results, submit_experiment
@@ -38,20 +39,6 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
     yield ray
     ray.shutdown()
-
-
-def tiny_config(model: Path, **changes) -> TrainConfig:
-    base = {
-        "model": str(model),
-        "dataset": "reverse_list",
-        "steps": 3,
-        "eval_every": 2,
-        "eval_examples": 8,
-        "batch_size": 2,
-        "seq_len": 64,
-        "learning_rate": 1e-2,
-    }
-    return TrainConfig(**{**base, **changes})
 
 
 def submit(store: Store, config: TrainConfig, grid: list[str]) -> int:

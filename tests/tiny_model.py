@@ -40,3 +40,21 @@ def build_tiny_causal_lm(folder: Path) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+def tiny_train_config(model: Path, **changes):
+    """A `TrainConfig` on the tiny model that trains in about a second: 3 steps of 2 x 64 tokens,
+    evaluated at step 2 and at the end on 8 examples."""
+    from lora_core.training import TrainConfig
+
+    base = {
+        "model": str(model),
+        "dataset": "reverse_list",
+        "steps": 3,
+        "eval_every": 2,
+        "eval_examples": 8,
+        "batch_size": 2,
+        "seq_len": 64,
+        "learning_rate": 1e-2,
+    }
+    return TrainConfig(**{**base, **changes})
