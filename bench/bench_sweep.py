@@ -373,6 +373,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each round shows as it ends, also in a log file
     try:
         plan = make_plan(args)
     except InputError as error:  # a bad --grid item or training value, in one line
