@@ -165,7 +165,8 @@ def run_process(arguments: list[str], data_dir: Path, extra_env: dict | None = N
     done = subprocess.run(lora_core_command(arguments), env=env, capture_output=True, text=True)
     end = time.time()
     if done.returncode != 0:
-        raise SystemExit(f"{' '.join(arguments[:1])} exited {done.returncode}:\n{done.stderr[-3000:]}")
+        said = (done.stdout.strip().splitlines() or [""])[-1][-1000:]  # with --json, the run's error
+        raise SystemExit(f"{arguments[0]} exited {done.returncode}: {said}\n{done.stderr[-3000:]}")
     loads = re.search(rf"{LOADS_MARK} (\d+)", done.stderr)
     return Process(start, end, int(loads[1]) if loads else None), done.stdout
 
