@@ -42,12 +42,13 @@ chromium:
 test: lint chromium
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-bench: $(VENV)/.runtime
+bench: $(VENV)/.dev
 	$(BIN)/python bench/bench_count.py
 	$(BIN)/python bench/bench_simulate.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python -m bench.bench_rerun
 	$(BIN)/python -m bench.bench_live
+	$(BIN)/python bench/bench_sweep.py
 
 # The CUDA paths in one prepared script (GPU tests, d=4096 simulations, a bf16 run, the memory
 # estimate against max_memory_allocated); on a machine without CUDA it says so and exits 0.

@@ -300,22 +300,6 @@ def test_cancel_stops_a_running_experiment(page: AppTest, data_dir) -> None:
     assert page.button(key="lx_exp_cancel").disabled
 
 
-@pytest.fixture
-def reads(monkeypatch) -> list[tuple[str, object, int]]:
-    """Every metrics read of the store: (method, what was asked, rows returned)."""
-    calls: list[tuple[str, object, int]] = []
-    for name in ("metrics", "metrics_since"):
-        original = getattr(Store, name)
-
-        def spy(self, *args, _name=name, _original=original):
-            frame = _original(self, *args)
-            calls.append((_name, args[0] if args else None, len(frame)))
-            return frame
-
-        monkeypatch.setattr(Store, name, spy)
-    return calls
-
-
 def test_a_poll_reads_only_the_new_points_of_the_shown_experiment(page: AppTest, data_dir, reads) -> None:
     store = Store.open(data_dir)
     finished_experiment(store)

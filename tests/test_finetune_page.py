@@ -206,22 +206,6 @@ def test_model_path_outside_the_roots_is_refused_before_a_run(
 # --- the live view: a poll reads only what changed, for the runs shown ----------------------------
 
 
-@pytest.fixture
-def reads(monkeypatch) -> list[tuple[str, object, int]]:
-    """Every metrics read of the store: (method, what was asked, rows returned)."""
-    calls: list[tuple[str, object, int]] = []
-    for name in ("metrics", "metrics_since"):
-        original = getattr(Store, name)
-
-        def spy(self, *args, _name=name, _original=original):
-            frame = _original(self, *args)
-            calls.append((_name, args[0] if args else None, len(frame)))
-            return frame
-
-        monkeypatch.setattr(Store, name, spy)
-    return calls
-
-
 def running_run(store: Store, name: str, train_points: int) -> int:
     """A run this test process owns (so no worker claims it and no reader marks it stranded)."""
     run_id = store.create_run(name, "m", "reverse_list", {}, {"steps": 100}, owner="cli")

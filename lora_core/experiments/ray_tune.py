@@ -264,7 +264,18 @@ def _connect(ray: Any, address: str) -> tuple[RaySummary, bool]:
     except (ConnectionError, ValueError, RuntimeError) as error:
         problem = one_line(error)
     where = f"$RAY_ADDRESS ({from_env})" if address == "auto" and from_env else (target or "this machine")
-    raise InputError(f"cannot reach the Ray cluster at {where}: {problem}")
+    raise InputError(f"cannot reach the Ray cluster at {where}: {problem}{_auth_hint(target)}")
+
+
+def _auth_hint(target: str) -> str:
+    """Ray 2.60 turns token authentication on for clusters it starts, but a client given an
+    explicit address only sends a token when told to: then the connection fails as unreachable."""
+    if not target or os.environ.get("RAY_AUTH_MODE") or os.environ.get("RAY_AUTH_TOKEN"):
+        return ""
+    return (
+        "; if the cluster uses token authentication (Ray's default for clusters it starts), set "
+        "RAY_AUTH_MODE=token with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+    )
 
 
 def _unreachable(address: str, timeout: float = 5.0) -> str | None:
