@@ -75,7 +75,7 @@ def _sandbox(tmp_path_factory):
     data = tmp_path_factory.mktemp("fuzz-data")
     reached: list[str] = []
 
-    def no_training(store, run_id, config, settings, cancel):
+    def no_training(store, run_id, config, settings, cancel, base_models=None):
         reached.append(f"run {run_id}: {config}")
         raise training.TrainingError("fuzz: training was reached")
 
@@ -705,7 +705,7 @@ def test_model_config_loader_gives_a_model_or_one_line_error(payload, lora) -> N
 
 # --- 5. every CLI subcommand ------------------------------------------------------------------------
 
-SUBCOMMANDS = ("count", "catalogue", "strategies", "export", "memory", "train", "search")
+SUBCOMMANDS = ("count", "catalogue", "strategies", "export", "memory", "train", "sweep", "search")
 
 
 def _subparsers() -> dict:
@@ -811,6 +811,14 @@ def _valid_value_for(action, tmp: Path):
         "dataset": st.just("json_extraction"),
         "device": st.just("cpu"),
         "name": st.text(st.characters(exclude_characters="\x00"), max_size=10),
+        "grid": st.sampled_from(
+            [
+                *("r=4,8", "targets=Q,V|All linear", "alpha=2r,16", "init=default,pissa", "lr=1e-3,2e-4"),
+                *("dropout=0,0.1", "loraplus=off,16", "rslora=true,false", "targets=q_proj+v_proj|re:.*proj"),
+            ]
+        ),
+        "ray": st.just("127.0.0.1:1"),
+        "seeds": st.integers(1, 3).map(str),
     }
     return by_dest.get(action.dest, st.text(st.characters(exclude_characters="\x00"), max_size=10))
 
@@ -1013,6 +1021,46 @@ def test_cli_train_with_bad_input_exits_2_before_a_run_exists(_sandbox, data, in
         from lora_core.store import Store
 
         assert Store(out_dir).runs().empty, f"{argv!r} created a run"
+
+
+# Each makes `sweep` bad input, to be refused before an experiment exists.
+SWEEP_INVALID = [
+    ["--grid", "r=0"],
+    ["--grid", "r=4,,8"],
+    ["--grid", "x=1"],
+    ["--grid", "targets=re:["],
+    ["--grid", "targets=../../etc"],
+    ["--grid", "alpha=-1"],
+    ["--grid", "lr=5"],
+    ["--grid", "dropout=1"],
+    ["--grid", "init=eva"],
+    ["--grid", "loraplus=0.5"],
+    ["--grid", "r=" + ",".join(map(str, range(1, 600)))],
+    ["--seeds", "0"],
+    ["--seeds", "11"],
+    ["--lr", "nan"],
+    ["--batch-size", "0"],
+    ["--dataset", "no_such_task"],
+    ["--dataset", "upload:/"],
+    ["--targets", "re:["],
+    ["--r", "0"],
+]
+
+
+@fuzz(100)
+@given(data=st.data(), invalid=st.sampled_from(SWEEP_INVALID))
+def test_cli_sweep_with_bad_input_exits_2_before_an_experiment_exists(_sandbox, data, invalid) -> None:
+    out_dir = _fresh_dir(_sandbox.root)
+    argv = data.draw(cli_argv("sweep", _sandbox.root), label="argv")
+    argv += [*invalid, "--out", str(out_dir)]
+    with hang_guard(f"main({show(argv)})"):
+        code, out, err = run_cli(argv)
+    assert not _sandbox.reached, f"{argv!r} reached training"
+    assert_cli_contract(argv, code, out, err, allowed=(2,))
+    if (out_dir / "runs.sqlite").exists():
+        from lora_core.store import Store
+
+        assert Store(out_dir).experiments().empty and Store(out_dir).runs().empty, f"{argv!r} created an experiment"
 
 
 @pytest.mark.parametrize("cut", [0, 100])
