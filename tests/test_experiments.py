@@ -460,3 +460,17 @@ def test_the_apps_worker_trains_an_experiments_trials_in_order(tiny_model, tmp_p
     assert [run["started"] for run in runs] == sorted(run["started"] for run in runs)
     assert len({run["initial_eval_loss"] for run in runs}) == 1  # each trial starts from the same base model
     assert manager.store.experiment(experiment_id)["status"] == "completed"
+
+
+def test_trials_that_train_base_tensors_or_fail_to_wrap_get_a_freshly_loaded_model(tiny_model, tmp_path) -> None:
+    """unload() keeps a trained bias or modules_to_save copy, and a get_peft_model that fails
+    halfway keeps the layers it wrapped: the next trial must not start from either."""
+    store = Store.open(tmp_path)
+    models = BaseModels()
+    biased = plan_experiment(BASE.replace(bias="all"), tiny_config(tiny_model), parse_grid(["r=2,4"]))
+    run_local(store, submit_experiment(store, biased, owner=CLI), base_models=models)
+    assert models.loads == 2  # the second trial did not get the first one's trained biases
+    # MiCA needs r <= every targeted layer's smaller side (32 here): q_proj is wrapped, then PEFT raises
+    wrapping = plan_experiment(BASE, tiny_config(tiny_model), parse_grid(["init=mica,default", "r=40"]))
+    outcomes = run_local(store, submit_experiment(store, wrapping, owner=CLI), base_models=models)
+    assert [o.status for o in outcomes] == ["failed", "completed"] and models.loads == 4

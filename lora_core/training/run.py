@@ -156,15 +156,23 @@ def _train(
         "longest_seq": longest,
     }
     peft_config = copy.deepcopy(settings.to_peft_config())
-    saved = _base_weights(model) if base_models is not None and rewrites_base(peft_config) else None
+    saved = _base_weights(model, peft_config) if base_models is not None and rewrites_base(peft_config) else None
     # The adapter's initial weights depend on the seed alone, not on what this process ran before.
     set_seed(config.seed)
-    peft_model = get_peft_model(model, peft_config)
+    try:
+        peft_model = get_peft_model(model, peft_config)
+    except Exception:
+        if base_models is not None:  # PEFT leaves the layers it wrapped before the one that failed
+            base_models.clear()
+        raise
     try:
         return _train_adapter(store, run_id, config, cancel, device, peft_model, tokenizer, (train, evaluation), sizes)
     finally:
         if base_models is not None:
-            _restore(base_models, peft_model, saved)
+            if trains_base_tensors(peft_config):
+                base_models.clear()
+            else:
+                _restore(base_models, peft_model, saved)
 
 
 def rewrites_base(peft_config) -> bool:
@@ -173,9 +181,27 @@ def rewrites_base(peft_config) -> bool:
     return isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq"))
 
 
-def _base_weights(model) -> dict:
-    """A copy, in host memory, of the weights an init may rewrite: every floating-point tensor."""
-    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+def trains_base_tensors(peft_config) -> bool:
+    """Whether training changes tensors that `unload()` leaves in the base model: a bias
+    (`bias` "all" / "lora_only" trains the base layers' own), `modules_to_save` (unload puts the
+    trained copy in place of the module, untied from the embeddings) or trainable tokens."""
+    return bool(
+        getattr(peft_config, "bias", "none") != "none"
+        or getattr(peft_config, "modules_to_save", None)
+        or getattr(peft_config, "trainable_token_indices", None)
+    )
+
+
+def _base_weights(model, peft_config) -> dict:
+    """A copy, in host memory, of the weights an init may rewrite: those of the layers the config
+    targets (PEFT's own matching), not the whole model."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    return {
+        f"{name}.weight": module.weight.detach().to("cpu", copy=True)
+        for name, module in model.named_modules()
+        if name and getattr(module, "weight", None) is not None and check_target_module_exists(peft_config, name)
+    }
 
 
 def _restore(base_models: BaseModels, peft_model, saved: dict | None) -> None:
@@ -183,8 +209,8 @@ def _restore(base_models: BaseModels, peft_model, saved: dict | None) -> None:
     rewrote them); a model that cannot be restored is dropped from the cache."""
     try:
         base = peft_model.unload()
-        if saved is not None:
-            base.load_state_dict(saved, strict=True)
+        if saved is not None and base.load_state_dict(saved, strict=False).unexpected_keys:
+            raise RuntimeError("the rewritten weights could not all be put back")  # dropped below
         for parameter in base.parameters():
             parameter.requires_grad_(True)  # as loaded: PEFT froze every base parameter
         base.train(False)
