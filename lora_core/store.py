@@ -21,7 +21,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,14 +291,46 @@ class Store:
             ),
         )
 
-    def create_experiment(self, name: str, model: str, dataset: str, spec: dict, runner: str = "local") -> int:
-        """A new experiment record (its trials are added with `create_run(experiment_id=...)`)."""
+    def create_experiment(
+        self, name: str, model: str, dataset: str, spec: dict, runner: str = "local", trials: Sequence[dict] = ()
+    ) -> int:
+        """A new experiment record and its trials, in one transaction, so a worker polling the queue
+        never sees part of an experiment; returns its id. Each trial is a dict of `create_run`'s
+        arguments (name, model, dataset, settings, config, owner, trial)."""
         if runner not in RUNNERS:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, not {runner!r}")
-        return self._write(
-            "INSERT INTO experiments (name, model, dataset, spec, runner, created) VALUES (?,?,?,?,?,?)",
-            (name, model, dataset, json.dumps(spec), runner, time.time()),
-        )
+        me, now = os.getpid(), time.time()
+        started = process_started(me)
+        with closing(self._connect()) as db, db:
+            db.execute("BEGIN IMMEDIATE")
+            experiment_id = db.execute(
+                "INSERT INTO experiments (name, model, dataset, spec, runner, created) VALUES (?,?,?,?,?,?)",
+                (name, model, dataset, json.dumps(spec), runner, now),
+            ).lastrowid
+            for trial in trials:
+                owner = trial.get("owner", WORKER)
+                if owner not in OWNERS:
+                    raise ValueError(f"owner must be one of {', '.join(OWNERS)}, not {owner!r}")
+                db.execute(
+                    "INSERT INTO runs (name, status, model, dataset, settings, config, created, owner, owner_pid,"
+                    " owner_started, owner_host, experiment_id, trial) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        trial["name"],
+                        "queued",
+                        trial["model"],
+                        trial["dataset"],
+                        json.dumps(trial["settings"]),
+                        json.dumps(trial["config"]),
+                        now,
+                        owner,
+                        me,
+                        started,
+                        HOST,
+                        experiment_id,
+                        json.dumps(trial.get("trial")),
+                    ),
+                )
+        return int(experiment_id or 0)
 
     def experiment(self, experiment_id: int) -> dict | None:
         """One experiment with its spec decoded, its trials' counts by status and its derived status."""
@@ -311,8 +343,8 @@ class Store:
 
     def experiments(self, experiment_ids: Iterable[int] | None = None) -> pd.DataFrame:
         """Every experiment (or those of `experiment_ids`), newest first, with columns `trials`,
-        one count per run status, `status` (queued, running, cancelling, completed, cancelled,
-        interrupted) and `finished` (when its last trial ended)."""
+        one count per run status, `status` (queued, running, cancelling, completed, failed,
+        cancelled, interrupted) and `finished` (when its last trial ended)."""
         self._check_owners_if_due()
         counts = ", ".join(f"SUM(r.status = '{status}') AS {status}" for status in (*ACTIVE, *FINISHED))
         where = ""
@@ -652,15 +684,17 @@ def _decode(row: sqlite3.Row) -> dict:
 
 
 def _experiment_status(row: dict) -> str:
-    """An experiment's status from its trials' counts and its cancel flag."""
+    """An experiment's status from its trials' counts and its cancel flag: cancelled only when a
+    trial was (a cancel that came as the last trial ended changes nothing), failed when none
+    completed and one failed."""
     if row["running"] or row["queued"]:
         if row["cancel_requested"]:
             return "cancelling"
         return "running" if row["running"] else "queued"
-    if row["cancel_requested"]:
-        return "cancelled"
     if row["interrupted"]:
         return "interrupted"
+    if row["cancelled"]:
+        return "cancelled"
     if row["failed"] and not row["completed"]:
         return "failed"
     return "completed"
@@ -721,7 +755,9 @@ class NullStore:
     ) -> int:
         return 0
 
-    def create_experiment(self, name: str, model: str, dataset: str, spec: dict, runner: str = "local") -> int:
+    def create_experiment(
+        self, name: str, model: str, dataset: str, spec: dict, runner: str = "local", trials: Sequence[dict] = ()
+    ) -> int:
         return 0
 
     def experiment(self, experiment_id: int) -> dict | None:

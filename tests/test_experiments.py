@@ -474,3 +474,26 @@ def test_trials_that_train_base_tensors_or_fail_to_wrap_get_a_freshly_loaded_mod
     wrapping = plan_experiment(BASE, tiny_config(tiny_model), parse_grid(["init=mica,default", "r=40"]))
     outcomes = run_local(store, submit_experiment(store, wrapping, owner=CLI), base_models=models)
     assert [o.status for o in outcomes] == ["failed", "completed"] and models.loads == 4
+
+
+@pytest.mark.parametrize(
+    ("statuses", "flag", "expected"),
+    [
+        (["completed", "completed"], True, "completed"),  # Cancel pressed as the last trial ended
+        (["cancelled", "cancelled"], False, "cancelled"),  # each trial cancelled on the Fine-tune page
+        (["completed", "failed"], False, "completed"),
+        (["failed", "failed"], False, "failed"),
+        (["completed", "interrupted"], True, "interrupted"),
+        (["completed", "queued"], True, "cancelling"),
+        (["running", "queued"], False, "running"),
+    ],
+)
+def test_an_experiments_status_follows_its_trials(tmp_path, statuses, flag, expected) -> None:
+    store = Store.open(tmp_path)
+    trial = {"name": "t", "model": "m", "dataset": "d", "settings": {}, "config": {}, "owner": CLI}
+    experiment_id = store.create_experiment("e", "m", "d", {}, trials=[trial] * len(statuses))
+    for run_id, status in zip(store.experiment_runs(experiment_id)["id"], statuses, strict=True):
+        store.update_run(int(run_id), status=status, owner_pid=os.getpid())
+    if flag:
+        store._write("UPDATE experiments SET cancel_requested = 1 WHERE id = ?", (experiment_id,))
+    assert store.experiment(experiment_id)["status"] == expected

@@ -128,18 +128,21 @@ def submit_experiment(
     spec = plan.spec()
     if runner == "ray":
         spec["ray_address"] = (ray_address or "auto").strip()
-    experiment_id = store.create_experiment(plan.name, plan.base_config.model, plan.base_config.dataset, spec, runner)
-    for trial in plan.trials:
-        store.create_run(
-            f"{plan.name} #{trial.index + 1}: {trial.label}",
-            trial.config.model,
-            trial.config.dataset,
-            trial.settings.to_peft_dict(),
-            dataclasses.asdict(trial.config),
-            owner=owner,
-            experiment_id=experiment_id,
-            trial={"index": trial.index, "values": dict(trial.values), "note": trial.note},
-        )
+    trials = [
+        {
+            "name": f"{plan.name} #{trial.index + 1}: {trial.label}",
+            "model": trial.config.model,
+            "dataset": trial.config.dataset,
+            "settings": trial.settings.to_peft_dict(),
+            "config": dataclasses.asdict(trial.config),
+            "owner": owner,
+            "trial": {"index": trial.index, "values": dict(trial.values), "note": trial.note},
+        }
+        for trial in plan.trials
+    ]
+    experiment_id = store.create_experiment(
+        plan.name, plan.base_config.model, plan.base_config.dataset, spec, runner, trials
+    )
     return experiment_id
 
 
