@@ -25,6 +25,7 @@ from lora_core.training.config import TRACKERS
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130  # the shell's own code for a process ended by Ctrl-C
 _MAX_LORA_FILE_BYTES = 1_000_000
 
 
@@ -42,6 +43,9 @@ def run() -> NoReturn:
     try:
         code = main()
         sys.stdout.flush()
+    except KeyboardInterrupt:  # Ctrl-C: what it stopped is recorded (a sweep's trials read cancelled)
+        print("interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`... | head`): say nothing more; Python's own flush at exit would
         # raise again on the closed pipe, so stdout points at /dev/null from here on.

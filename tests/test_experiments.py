@@ -497,3 +497,24 @@ def test_an_experiments_status_follows_its_trials(tmp_path, statuses, flag, expe
     if flag:
         store._write("UPDATE experiments SET cancel_requested = 1 WHERE id = ?", (experiment_id,))
     assert store.experiment(experiment_id)["status"] == expected
+
+
+def test_ctrl_c_on_a_local_sweep_cancels_its_trials_and_exits_130(tiny_model, tmp_path) -> None:
+    data = tmp_path / "data"
+    command = [sys.executable, "-m", "lora_core", "sweep", "--model", str(tiny_model), "--dataset", "reverse_list"]
+    command += ["--steps", "5000", "--eval-every", "1000", "--batch-size", "2", "--seq-len", "64", "--grid", "r=2,4"]
+    process = subprocess.Popen(
+        [*command, "--out", str(data)], env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(sqlite3.Error):
+            if (data / "runs.sqlite").exists() and len(Store(data).metrics()) >= 2:
+                break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted")
+    runs = Store.open(data).experiment_runs(1)
+    assert list(runs["status"]) == ["cancelled", "cancelled"]
+    assert runs["adapter_dir"].iloc[0] and Path(runs["adapter_dir"].iloc[0]).is_dir()  # the stopped trial kept its work

@@ -10,11 +10,14 @@ runs oldest first and keeps the base model loaded from one trial to the next, se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import signal
 import statistics
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,32 +153,57 @@ def run_local(store: Store, experiment_id: int, base_models=None, on_trial=None)
     """Train the queued trials of an experiment in this process, one after another, on one loaded
     base model; returns their `RunResult`s. A trial that fails (NaN, out of memory) is recorded and
     the next one starts; a cancel of the experiment (from any process sharing the store) stops the
-    trial in flight after its step and cancels the rest. Ctrl-C does the same, then re-raises."""
+    trial in flight after its step and cancels the rest. Ctrl-C does the same (the trial in flight
+    ends `cancelled`, its adapter saved), then raises KeyboardInterrupt."""
     from lora_core.runner import StoreCancel
     from lora_core.training.run import BaseModels, run_training
 
     models = base_models or BaseModels()
     results = []
     try:
-        for run_id in _queued_trials(store, experiment_id):
-            if store.experiment_cancel_requested(experiment_id):
-                break
-            run = store.run(run_id)
-            if run is None or run["status"] != "queued":
-                continue
-            config = TrainConfig(**run["config"])
-            settings = LoraSettings.from_peft_dict(run["settings"])
-            result = run_training(store, run_id, config, settings, StoreCancel(store, run_id), base_models=models)
-            results.append(result)
-            if on_trial is not None:
-                on_trial(result)
-    except KeyboardInterrupt:
-        store.cancel_experiment(experiment_id)
-        raise
+        with ctrl_c_cancels(store, experiment_id):
+            for run_id in _queued_trials(store, experiment_id):
+                if store.experiment_cancel_requested(experiment_id):
+                    break
+                run = store.run(run_id)
+                if run is None or run["status"] != "queued":
+                    continue
+                config = TrainConfig(**run["config"])
+                settings = LoraSettings.from_peft_dict(run["settings"])
+                cancel = StoreCancel(store, run_id)
+                result = run_training(store, run_id, config, settings, cancel, base_models=models)
+                results.append(result)
+                if on_trial is not None:
+                    on_trial(result)
     finally:
         if store.experiment_cancel_requested(experiment_id):
             store.cancel_experiment(experiment_id)  # trials still queued become cancelled
     return results
+
+
+@contextlib.contextmanager
+def ctrl_c_cancels(store: Store, experiment_id: int) -> Iterator[None]:
+    """Ctrl-C cancels the experiment as the page's Cancel would (the trial in flight stops after
+    its step and keeps its record, the rest are cancelled), then raises KeyboardInterrupt once the
+    trials have wound down; a second Ctrl-C stops waiting. Off the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed: list[bool] = []
+
+    def on_ctrl_c(signum, frame) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+        store.cancel_experiment(experiment_id)
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def _queued_trials(store: Store, experiment_id: int) -> list[int]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import tempfile
 import threading
@@ -31,6 +30,7 @@ from typing import Any
 import pandas as pd
 
 from lora_core.errors import InputError, one_line
+from lora_core.experiments.engine import ctrl_c_cancels
 from lora_core.settings import LoraSettings
 from lora_core.store import ACTIVE, FINISHED, Store
 from lora_core.training.config import TrainConfig
@@ -188,33 +188,18 @@ def _tune(store: Store, experiment_id: int, specs: dict[int, dict], asha: bool, 
 
 @contextlib.contextmanager
 def _ctrl_c_cancels(store: Store, experiment_id: int) -> Iterator[None]:
-    """Ctrl-C cancels the experiment as the page's Cancel would (the trials in flight stop, the
-    rest are cancelled), then raises KeyboardInterrupt once Tune has wound down; a second Ctrl-C
-    stops waiting. Tune's own handler would end the run and return as if it had finished."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pressed: list[bool] = []
-
-    def on_ctrl_c(signum, frame) -> None:
-        if pressed:
-            raise KeyboardInterrupt
-        pressed.append(True)
-        store.cancel_experiment(experiment_id)
-
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    """`engine.ctrl_c_cancels` with Tune's own SIGINT handler off: it would end the run and return
+    as if it had finished."""
     tune_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
-        yield
+        with ctrl_c_cancels(store, experiment_id):
+            yield
     finally:
-        signal.signal(signal.SIGINT, previous)
         if tune_handler is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = tune_handler
-    if pressed:
-        raise KeyboardInterrupt
 
 
 def _claimed_here(store: Store, experiment_id: int) -> list[int]:
