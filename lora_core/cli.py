@@ -517,7 +517,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         from lora_core.experiments.ray_tune import check_ray
 
         trial = plan.trials[0].config
-        check_ray(address, args.asha, trial.steps, trial.eval_every)  # before anything is written
+        check_ray(address, args.asha, trial.steps, trial.eval_every, trial.report_to)  # before anything is written
     store = _open_store(args.out)
     runner = "ray" if address else "local"
     experiment_id = submit_experiment(store, plan, runner=runner, owner=CLI, ray_address=address)

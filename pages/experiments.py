@@ -62,7 +62,7 @@ SPACE_SETS = ("targets", "r", "alpha", "dropout")  # what a search space chooses
 FLAG_CHOICES = {SIDEBAR: None, "off": (False,), "on": (True,), "both": (False, True)}
 LOCAL, RAY = "This server's worker", "A Ray cluster"
 # The ranking's columns after its rank, label and grid values.
-RANKED_COLUMNS = ("eval_loss", "seed_spread", "seeds", "verdict", "trainable_params", "peak_memory_mb")
+RANKED_COLUMNS = ("eval_loss", "seed_spread", "seeds", "seeds_lost", "verdict", "trainable_params", "peak_memory_mb")
 RANKED_COLUMNS += ("train_seconds", "run_id")
 
 state = page_state()
@@ -212,7 +212,8 @@ if planning or starting:
             if address is not None:
                 from lora_core.experiments.ray_tune import check_ray
 
-                check_ray(address)  # Ray installed and the cluster answering, before anything is written
+                # Ray installed and the cluster answering, before anything is written
+                check_ray(address, report_to=plan.base_config.report_to)
             experiment_id = submit_experiment(
                 store, plan, runner="ray" if runner == RAY else "local", owner=WORKER, ray_address=address
             )
@@ -398,6 +399,9 @@ def results_section(experiment: dict, colour_by: str) -> None:
         column_config={
             "eval_loss": st.column_config.NumberColumn("eval loss (mean over seeds)", format="%.4f"),
             "seed_spread": st.column_config.NumberColumn("spread over seeds", format="%.4f"),
+            "seeds_lost": st.column_config.NumberColumn(
+                "seeds lost", format="%d", help="its trials that failed or were cancelled: ranked on fewer seeds"
+            ),
             "trainable_params": st.column_config.NumberColumn("trainable params", format="%d"),
             "peak_memory_mb": st.column_config.NumberColumn("peak MiB", format="%.0f"),
             "train_seconds": st.column_config.NumberColumn("seconds", format="%.1f"),
@@ -437,6 +441,9 @@ if st.session_state.get("lx_exp_pick") not in ids:
 names = dict(zip(experiments["id"], experiments["name"]))
 shown = int(st.selectbox("Experiment", ids, key="lx_exp_pick", format_func=lambda i: f"{i}: {names[i]}"))
 experiment = store.experiment(shown)
+if experiment is None:  # deleted in another tab since the list was read
+    st.session_state.pop("lx_exp_pick", None)
+    st.rerun()
 spec = experiment["spec"]
 active = experiment["queued"] + experiment["running"] > 0
 col1, col2, col3 = st.columns([4, 1, 1])

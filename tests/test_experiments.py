@@ -191,6 +191,13 @@ def test_a_difference_inside_the_seed_spread_is_not_significant() -> None:
     assert list(one_seed["verdict"]) == ["best", "no seed spread"]
 
 
+def test_a_config_that_lost_seeds_says_so() -> None:
+    frame = _frame([(4, 0, 1.0, 10), (4, 1, 1.0, 10), (8, 0, 1.1, 20), (8, 1, 1.2, 20)])
+    frame.loc[1, ["status", "final_eval_loss"]] = ["failed", None]
+    table = ranked(frame)
+    assert list(zip(table["r"], table["seeds"], table["seeds_lost"], strict=True)) == [(4, 1, 1), (8, 2, 0)]
+
+
 def test_the_pareto_front_keeps_only_undominated_trials() -> None:
     frame = _frame([(4, 0, 1.0, 10), (8, 0, 0.9, 20), (16, 0, 0.95, 40), (32, 0, 0.8, 80)])
     assert list(pareto_front(frame, "trainable_params")) == [True, True, False, True]
@@ -435,6 +442,8 @@ def test_sweep_on_ray_trains_in_ray_workers_and_reports_like_a_local_one(tiny_mo
         (["--grid", "r=4", "--ray", "../../x"], "give host:port"),
         (["--grid", "r=4", "--asha"], "add --ray"),
         (["--grid", "r=4", "--ray-storage", "/tmp"], "only applies on Ray"),
+        (["--grid", "r=4", "--ray", "auto", "--report-to", "tensorboard"], "set TENSORBOARD_LOGGING_DIR"),
+        (["--grid", "r=3", "--grid", "init=orthogonal"], "needs an even rank"),
     ],
 )
 def test_sweep_refuses_bad_input_with_exit_2_and_creates_nothing(tiny_model, tmp_path, args, message) -> None:

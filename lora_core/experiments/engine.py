@@ -288,11 +288,18 @@ def varied_dimensions(frame: pd.DataFrame) -> list[str]:
 def ranked(frame: pd.DataFrame) -> pd.DataFrame:
     """Completed trials grouped by config (every value but the seed), best mean final eval loss
     first: `eval_loss` (mean over seeds), `seed_spread` (max - min over seeds; None with one seed),
-    `seeds`, `trainable_params`, `peak_memory_mb`, `train_seconds` (means), `run_id` (the best
-    seed's run) and `verdict`: "best", "not significant" (closer to the best than the larger of
+    `seeds`, `seeds_lost` (its trials that did not complete: a config ranked on fewer seeds),
+    `trainable_params`, `peak_memory_mb`, `train_seconds` (means), `run_id` (the best seed's run)
+    and `verdict`: "best", "not significant" (closer to the best than the larger of
     the two seed spreads) or "worse"; with one seed per config, "no seed spread"."""
     done = frame[(frame["status"] == "completed") & frame["final_eval_loss"].notna()] if len(frame) else frame
     config_columns = [name for name in DIMENSIONS if name in frame.columns]
+    keys_all = config_columns or ["label"]
+    lost = (
+        frame[frame["status"] != "completed"].groupby([frame[c].astype(str) for c in keys_all]).size()
+        if len(frame)
+        else pd.Series(dtype=int)
+    )
     if done.empty:
         return pd.DataFrame(columns=[*config_columns, "eval_loss", "seed_spread", "seeds", "verdict", "run_id"])
     keys = config_columns or ["label"]
@@ -310,6 +317,9 @@ def ranked(frame: pd.DataFrame) -> pd.DataFrame:
             train_seconds=group["train_seconds"].mean(),
             run_id=int(best["run_id"]),
             label=_config_label(best, config_columns),
+            seeds_lost=int(
+                lost.get(tuple(str(best[c]) for c in keys_all) if len(keys_all) > 1 else str(best[keys_all[0]]), 0)
+            ),
         )
         rows.append(row)
     table = pd.DataFrame(rows).sort_values("eval_loss", kind="stable").reset_index(drop=True)

@@ -330,10 +330,19 @@ def _apply(
         config_changes["loraplus_ratio"] = values["loraplus"]
     if config_changes:
         config = _replace(config, **config_changes)
-    problems = settings.problems()
+    problems = settings.problems() + _init_problems(settings)
     if problems:
         raise GridError(f"trial {trial_label(values)}: {problems[0]}")
     return settings, config, note
+
+
+def _init_problems(settings: LoraSettings) -> list[str]:
+    """What PEFT refuses only when it builds the adapter: orthogonal init splits one orthogonal
+    matrix between A and B, so it needs an even rank."""
+    init = settings.peft_extras.get("init_lora_weights")
+    if init == "orthogonal" and (settings.r % 2 or any(r % 2 for r in settings.rank_pattern.values())):
+        return [f"init=orthogonal needs an even rank, got r={settings.r}"]
+    return []
 
 
 def _with_targets(settings: LoraSettings, target: str, inventory) -> tuple[LoraSettings, str]:

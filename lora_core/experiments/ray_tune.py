@@ -142,10 +142,17 @@ def require_ray() -> None:
         raise InputError(INSTALL_HINT)
 
 
-def check_ray(address: str, asha: bool = False, steps: int = 0, eval_every: int = 0) -> None:
+def check_ray(
+    address: str, asha: bool = False, steps: int = 0, eval_every: int = 0, report_to: tuple[str, ...] = ()
+) -> None:
     """What can be checked before an experiment for Ray is written, so bad input creates nothing:
-    Ray installed, an explicit address (or $RAY_ADDRESS for "auto") answering, and ASHA given
-    evaluations before the last step. Raises `InputError` in one line."""
+    Ray installed, an explicit address (or $RAY_ADDRESS for "auto") answering, ASHA given
+    evaluations before the last step, and TensorBoard given a folder that outlives the trial
+    (a Ray trial's own data dir is temporary). Raises `InputError` in one line."""
+    if "tensorboard" in report_to and not os.environ.get("TENSORBOARD_LOGGING_DIR"):
+        raise InputError(
+            "TensorBoard on Ray: set TENSORBOARD_LOGGING_DIR to a folder the workers keep (a trial's own is removed)"
+        )
     require_ray()
     address = (address or "auto").strip()
     target = os.environ.get("RAY_ADDRESS", "").strip() if address == "auto" else address
