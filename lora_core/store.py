@@ -684,16 +684,17 @@ def _decode(row: sqlite3.Row) -> dict:
 
 
 def _experiment_status(row: dict) -> str:
-    """An experiment's status from its trials' counts and its cancel flag: cancelled only when a
-    trial was (a cancel that came as the last trial ended changes nothing), failed when none
-    completed and one failed."""
+    """An experiment's status from its trials' counts and its cancel flag: cancelled when it was
+    cancelled and a trial with it (a cancel that came as the last trial ended changes nothing), or
+    when every trial was cancelled one by one; a few trials stopped early (ASHA) or cancelled alone
+    leave it completed; failed when none completed and one failed."""
     if row["running"] or row["queued"]:
         if row["cancel_requested"]:
             return "cancelling"
         return "running" if row["running"] else "queued"
     if row["interrupted"]:
         return "interrupted"
-    if row["cancelled"]:
+    if row["cancelled"] and (row["cancel_requested"] or row["cancelled"] == row["trials"]):
         return "cancelled"
     if row["failed"] and not row["completed"]:
         return "failed"

@@ -491,6 +491,8 @@ def test_trials_that_train_base_tensors_or_fail_to_wrap_get_a_freshly_loaded_mod
         (["completed", "completed"], True, "completed"),  # Cancel pressed as the last trial ended
         (["cancelled", "cancelled"], False, "cancelled"),  # each trial cancelled on the Fine-tune page
         (["completed", "failed"], False, "completed"),
+        (["completed", "cancelled"], False, "completed"),  # one trial stopped early by ASHA, or alone
+        (["completed", "cancelled"], True, "cancelled"),
         (["failed", "failed"], False, "failed"),
         (["completed", "interrupted"], True, "interrupted"),
         (["completed", "queued"], True, "cancelling"),
