@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_model import build_tiny_causal_lm
+from tiny_model import build_nan_model, build_tiny_causal_lm
 from tiny_model import tiny_train_config as tiny_config
 
 from lora_core.errors import InputError
@@ -125,15 +125,7 @@ class FakeRay:
 
 
 def test_a_nan_trial_fails_alone(tiny_model, local_ray, tmp_path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    broken = tmp_path / "nan-model"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    model.save_pretrained(broken)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(broken)
+    broken = build_nan_model(tiny_model, tmp_path / "nan-model")
     store = Store.open(tmp_path / "data")
     experiment_id = submit(store, tiny_config(tiny_model), ["r=2,3,4"])
     second = int(store.experiment_runs(experiment_id)["id"].iloc[1])

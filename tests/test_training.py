@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from peft import LoraConfig
-from tiny_model import build_tiny_causal_lm
+from tiny_model import build_nan_model, build_tiny_causal_lm
 
 from lora_core import LoraSettings, count_lora_params
 from lora_core.adapters import adapter_zip, effective_ranks
@@ -97,15 +97,7 @@ def test_cancel_stops_within_one_step(tiny_model, manager) -> None:
 
 
 def test_nan_loss_fails_the_run_and_the_worker_keeps_serving(tiny_model, manager, tmp_path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    broken = tmp_path / "nan-model"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    model.save_pretrained(broken)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(broken)
+    broken = build_nan_model(tiny_model, tmp_path / "nan-model")
     failed = manager.wait(manager.submit(tiny_config(broken, steps=5), SETTINGS), 120)
     assert failed["status"] == "failed" and "NaN" in failed["error"]
     after = manager.wait(manager.submit(tiny_config(tiny_model, steps=3), SETTINGS), 120)

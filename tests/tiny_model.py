@@ -58,3 +58,16 @@ def tiny_train_config(model: Path, **changes):
         "learning_rate": 1e-2,
     }
     return TrainConfig(**{**base, **changes})
+
+
+def build_nan_model(tiny_model: Path, folder: Path) -> Path:
+    """The tiny model with its final norm set to NaN, saved to `folder`: every loss it gives is NaN."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    return folder
