@@ -150,13 +150,17 @@ def test_without_runs_of_the_model_the_time_is_scaled_from_other_models_by_their
     store = Store.open(tmp_path)
     config = {"batch_size": 2, "seq_len": 64, "steps": 10}
     run_id = store.create_run("other", "/some/model", "json_extraction", {}, config)
-    store.update_run(run_id, status="completed", device="cpu", started=0.0, finished=30.0, all_params=10_000_000)
-    plan = plan_experiment(BASE, TrainConfig(steps=10, batch_size=4, seq_len=128), parse_grid(["r=4,8"]))
     params = lora_core.inventory(lora_core.resolve_model("HuggingFaceTB/SmolLM2-135M")).total_params
+    store.update_run(run_id, status="completed", device="cpu", started=0.0, finished=30.0, all_params=params // 3)
+    plan = plan_experiment(BASE, TrainConfig(steps=10, batch_size=4, seq_len=128), parse_grid(["r=4,8"]))
     estimate = estimate_plan(store, plan, device="cpu")
-    per_step = 3.0 / (10_000_000 * 2 * 64) * params * 4 * 128
+    per_step = 3.0 / (params // 3 * 2 * 64) * params * 4 * 128
     assert estimate["seconds"] == pytest.approx(per_step * 20) and "scaled by parameters" in estimate["basis"]
     assert estimate_plan(store, plan, device="cuda")["seconds"] is None  # another device's pace says nothing
+    tiny = store.create_run("tiny", "/tiny", "json_extraction", {}, config)
+    store.update_run(run_id, all_params=10_000)  # a model 13,000x smaller: its steps are mostly fixed costs
+    store.update_run(tiny, status="completed", device="cpu", started=0.0, finished=30.0, all_params=10_000)
+    assert estimate_plan(store, plan, device="cpu")["seconds"] is None
 
 
 # --- ranking -----------------------------------------------------------------------------------

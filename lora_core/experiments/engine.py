@@ -371,8 +371,8 @@ def estimate_plan(store: Store | None, plan: ExperimentPlan, device: str | None 
     peak memory, None where it cannot be estimated) and `largest` (its label), `seconds` (the
     whole experiment's estimated wall time, None without history) with `basis` saying where that
     comes from: the median seconds per step of earlier completed runs in the store on this device,
-    of the same model, batch size and sequence length when there are any, else of any model,
-    scaled by parameters x tokens per step (the work of a step)."""
+    of the same model, batch size and sequence length when there are any, else of models within 4x
+    of its size, scaled by parameters x tokens per step (the work of a step)."""
     from lora_core.devices import pick_device
 
     device = device or pick_device(plan.base_config.device)
@@ -454,7 +454,9 @@ def _history_seconds_per_step(
         per_step = (run["finished"] - run["started"]) / steps
         if run["model"] == config.model and batch == config.batch_size and seq == config.seq_len:
             same.append(per_step)
-        if _number(run.get("all_params")) and run["all_params"] > 0:
+        # Only from models of a like size: a step of a far smaller one is mostly fixed costs
+        # (evaluation, logging), which do not scale with its parameters.
+        if _number(run.get("all_params")) and params and 0.25 <= run["all_params"] / params <= 4:
             work.append(per_step / (run["all_params"] * batch * seq))
     if same:
         return statistics.median(same), len(same), False
