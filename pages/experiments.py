@@ -285,7 +285,15 @@ def live_table(runs: pd.DataFrame, metrics: dict[int, pd.DataFrame]) -> None:
                 "run": run["id"],
             }
         )
-    st.dataframe(pd.DataFrame(rows), hide_index=True, key="lx_exp_live_table")
+    st.dataframe(
+        pd.DataFrame(rows),
+        hide_index=True,
+        key="lx_exp_live_table",
+        column_config={
+            "peak MiB": st.column_config.NumberColumn(format="%.0f"),
+            "trainable params": st.column_config.NumberColumn(format="localized"),
+        },
+    )
 
 
 def curves_figure(runs: pd.DataFrame, metrics: dict[int, pd.DataFrame], seqs: dict[int, int]) -> go.Figure:
