@@ -327,7 +327,9 @@ def test_a_killed_sweep_leaves_its_trials_interrupted(tiny_model, tmp_path) -> N
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and process.poll() is None:
-            with contextlib.suppress(sqlite3.Error):  # the store may exist before its tables do
+            with contextlib.suppress(
+                sqlite3.Error, pd.errors.DatabaseError
+            ):  # the file may exist before its tables (pandas wraps the error)
                 if (data / "runs.sqlite").exists() and len(Store(data).metrics()) >= 2:
                     break
             time.sleep(0.2)
@@ -523,7 +525,7 @@ def test_ctrl_c_on_a_local_sweep_cancels_its_trials_and_exits_130(tiny_model, tm
     )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(sqlite3.Error, pd.errors.DatabaseError):
             if (data / "runs.sqlite").exists() and len(Store(data).metrics()) >= 2:
                 break
         time.sleep(0.2)
