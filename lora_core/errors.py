@@ -6,6 +6,7 @@ Every message is one line that says what to change. Callers (the CLI, the pages)
 
 from __future__ import annotations
 
+import unicodedata
 from typing import TypeGuard
 
 
@@ -50,3 +51,17 @@ def positive_int_problem(name: str, value: object, limit: int | None = None) -> 
         return None
     bound = f" up to {limit:,}" if limit is not None else ""
     return f"`{name}` must be a positive integer{bound}, got {short_repr(value)}"
+
+
+# A run's or an experiment's name: what a table can show as typed.
+MAX_NAME_CHARS = 200
+
+
+def name_problem(name: str, what: str = "a run name") -> str | None:
+    """Why `name` (already stripped) cannot name a run or an experiment, or None: control or
+    direction-override characters, or more than MAX_NAME_CHARS characters."""
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") for c in name):
+        return f"{what} cannot hold control or direction-override characters: retype it"
+    if len(name) > MAX_NAME_CHARS:
+        return f"{what} is at most {MAX_NAME_CHARS} characters, this one has {len(name):,}"
+    return None

@@ -26,6 +26,7 @@ from lora_core.experiments import (
     ranked,
     results,
     submit_experiment,
+    trial_of,
     varied_dimensions,
 )
 from lora_core.models import local_model_roots
@@ -226,11 +227,6 @@ if planning or starting:
             st.success(f"Experiment {experiment_id} queued: {len(plan.trials)} trials of {plan.name}.")
 if st.session_state.get("lx_exp_estimate"):
     show_estimate(st.session_state["lx_exp_estimate"])
-
-
-def trial_of(run: dict) -> dict:
-    trial = run.get("trial")
-    return json.loads(trial) if isinstance(trial, str) else (trial or {})
 
 
 def last(points: pd.DataFrame | None, kind: str, column: str):

@@ -11,7 +11,6 @@ from __future__ import annotations
 from lora_core.experiments.engine import (
     RESULT_COLUMNS,
     ExperimentPlan,
-    best_trial,
     estimate_plan,
     experiment_progress,
     pareto_front,
@@ -20,6 +19,7 @@ from lora_core.experiments.engine import (
     results,
     run_local,
     submit_experiment,
+    trial_of,
     varied_dimensions,
 )
 from lora_core.experiments.grid import (
@@ -48,7 +48,6 @@ __all__ = [
     "Grid",
     "GridError",
     "Trial",
-    "best_trial",
     "estimate_plan",
     "expand",
     "experiment_progress",
@@ -63,5 +62,6 @@ __all__ = [
     "space_grid",
     "submit_experiment",
     "trial_label",
+    "trial_of",
     "varied_dimensions",
 ]

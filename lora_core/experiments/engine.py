@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from lora_core.errors import InputError, is_int, short_repr
+from lora_core.errors import InputError, is_int, name_problem, short_repr
 from lora_core.experiments.grid import (
     DIMENSIONS,
     EMBEDDED_SPEC,
@@ -34,10 +34,8 @@ from lora_core.experiments.grid import (
     space_grid,
 )
 from lora_core.settings import LoraSettings
-from lora_core.store import WORKER, Store
+from lora_core.store import FINISHED, WORKER, Store
 from lora_core.training.config import EMBEDDED, MAX_STEPS, TrainConfig
-
-MAX_NAME_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -98,8 +96,8 @@ def plan_experiment(
         raise GridError(problems[0])
     trials = expand(combined, base_settings, base_config, seeds, _spec_name(base_config.model))
     label = (name or "").strip() or _default_name(combined, space, base_config)
-    if len(label) > MAX_NAME_CHARS:
-        raise GridError(f"an experiment name is at most {MAX_NAME_CHARS} characters, this one has {len(label):,}")
+    if problem := name_problem(label, "an experiment name"):
+        raise GridError(problem)
     return ExperimentPlan(label, base_settings, base_config, combined, seeds, trials, space, budget)
 
 
@@ -233,13 +231,12 @@ def results(store: Store, experiment_id: int, runs: pd.DataFrame | None = None) 
     """One row per trial, in grid order: its grid values (one column per varied dimension, and
     `seed`), status, trainable parameters, estimated and measured peak memory, losses, mean
     tokens/s (steps after the first), seconds from start to end, and why it failed."""
-    import json
 
     runs = store.experiment_runs(experiment_id) if runs is None else runs
     rows: list[dict] = []
     rates = _mean_rates(store, [int(i) for i in runs["id"]]) if len(runs) else {}
     for run in runs.to_dict("records"):
-        trial = json.loads(run["trial"]) if isinstance(run.get("trial"), str) else (run.get("trial") or {})
+        trial = trial_of(run)
         values = trial.get("values", {})
         started, finished = run.get("started"), run.get("finished")
         row = {
@@ -261,6 +258,15 @@ def results(store: Store, experiment_id: int, runs: pd.DataFrame | None = None) 
         rows.append({**{name: _plain(value) for name, value in values.items()}, **row})
     frame = pd.DataFrame(rows)
     return frame if len(frame) else pd.DataFrame(columns=list(RESULT_COLUMNS))
+
+
+def trial_of(run: Mapping[str, Any]) -> dict:
+    """A run's trial record (index, grid values, note): decoded as `Store.run` gives it, or from
+    the JSON a runs frame holds; {} for a run outside any experiment."""
+    import json
+
+    trial = run.get("trial")
+    return json.loads(trial) if isinstance(trial, str) else dict(trial or {})
 
 
 def _number(value: Any) -> bool:
@@ -358,12 +364,6 @@ def pareto_front(frame: pd.DataFrame, cost: str, loss: str = "final_eval_loss") 
         dominated = (no_worse & ((points[cost] < spent) | (points[loss] < reached))).any()
         front[index] = not dominated
     return front
-
-
-def best_trial(store: Store, experiment_id: int) -> dict | None:
-    """The run of the best config (lowest mean final eval loss; its best seed), or None."""
-    table = ranked(results(store, experiment_id))
-    return store.run(int(table["run_id"].iloc[0])) if len(table) else None
 
 
 def estimate_plan(store: Store | None, plan: ExperimentPlan, device: str | None = None) -> dict[str, Any]:
@@ -466,13 +466,13 @@ def _history_seconds_per_step(
 
 
 def experiment_progress(runs: pd.DataFrame, now: float | None = None) -> dict[str, Any]:
-    """Trials done / total, steps done / total (from the trials' configs and the last step each
-    wrote is the caller's; here: finished trials) and the elapsed wall time."""
+    """An experiment's trials (`trials`), how many ended (`finished`), the steps all of them will
+    train (`steps_total`) and the wall time since the first started (`elapsed`, up to `now`)."""
     import json
 
     now = now or time.time()
     total = len(runs)
-    finished = int(runs["status"].isin(("completed", "failed", "cancelled", "interrupted")).sum()) if total else 0
+    finished = int(runs["status"].isin(FINISHED).sum()) if total else 0
     steps = 0
     for config in runs["config"] if total else []:
         data = json.loads(config) if isinstance(config, str) else config

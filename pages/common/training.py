@@ -4,14 +4,13 @@ checked the same way before anything is queued, and the run name rule. Every che
 
 from __future__ import annotations
 
-import unicodedata
 from pathlib import Path
 
 import streamlit as st
 
 import lora_core
 from lora_core.datasets import BUILTIN_TASKS, hub_dataset_id, parse_upload
-from lora_core.errors import InputError
+from lora_core.errors import InputError, name_problem
 from lora_core.models import local_model_roots
 from lora_core.strategies import settings_on_model
 from lora_core.training.config import EMBEDDED
@@ -22,7 +21,6 @@ EMBEDDED_CONFIG = "HuggingFaceTB/SmolLM2-135M"  # same architecture and shapes a
 MODEL_SOURCES = ["Embedded SmolLM2-135M-Instruct", "Hub id or local path"]
 BUILTIN, UPLOAD, HUB = "Built-in task", "Upload JSONL/CSV", "Hub dataset id"
 DATA_SOURCES = [BUILTIN, UPLOAD, HUB]
-MAX_NAME_CHARS = 200
 
 
 def config_name(model_choice: str) -> str:
@@ -90,12 +88,10 @@ def store_upload(checked: Upload, data_dir: Path) -> Path:
 
 def run_name(text: str, what: str = "a run name") -> str | None:
     """A name as typed, stripped; None for an empty one. Raises `InputError` for one a table cannot
-    show as typed (control or direction-override characters, over 200 characters)."""
+    show as typed (`errors.name_problem`)."""
     name = text.strip()
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") for c in name):
-        raise InputError(f"{what} cannot hold control or direction-override characters: retype it")
-    if len(name) > MAX_NAME_CHARS:
-        raise InputError(f"{what} is at most {MAX_NAME_CHARS} characters, this one has {len(name):,}")
+    if problem := name_problem(name, what):
+        raise InputError(problem)
     return name or None
 
 
