@@ -18,6 +18,7 @@ from typing import Any
 from lora_core.errors import InputError, short_repr
 
 MAX_UPLOAD_BYTES = 20_000_000
+UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv")  # .json holds JSON Lines too
 MIN_EXAMPLES = 8
 IGNORE_INDEX = -100
 
@@ -115,6 +116,8 @@ def parse_upload(data: bytes, filename: str, eval_fraction: float = 0.1, seed: i
     except UnicodeDecodeError:
         raise DatasetError(f"{filename} is not UTF-8 text: save it as UTF-8 JSONL or CSV") from None
     suffix = Path(filename).suffix.lower()
+    if suffix not in UPLOAD_SUFFIXES:
+        raise DatasetError(f"{filename}: use a .jsonl or .csv file")
     if suffix in (".jsonl", ".json"):
         rows = _jsonl_rows(text, filename)
     elif suffix == ".csv":
@@ -122,8 +125,6 @@ def parse_upload(data: bytes, filename: str, eval_fraction: float = 0.1, seed: i
             rows = list(csv.DictReader(io.StringIO(text)))
         except csv.Error as error:  # e.g. a field over csv.field_size_limit(), a NUL byte
             raise DatasetError(f"{filename}: not a readable CSV file ({error}); save it as plain CSV") from None
-    else:
-        raise DatasetError(f"{filename}: use a .jsonl or .csv file")
     return split_examples(Path(filename).stem, rows_to_examples(rows, filename), eval_fraction, seed)
 
 

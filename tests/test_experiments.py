@@ -21,6 +21,7 @@ import pytest
 from tiny_model import build_tiny_causal_lm
 from tiny_model import tiny_train_config as tiny_config
 
+from lora_core.experiments import engine
 from lora_core.experiments import (
     GridError,
     estimate_plan,
@@ -535,3 +536,20 @@ def test_ctrl_c_on_a_local_sweep_cancels_its_trials_and_exits_130(tiny_model, tm
     runs = Store.open(data).experiment_runs(1)
     assert list(runs["status"]) == ["cancelled", "cancelled"]
     assert runs["adapter_dir"].iloc[0] and Path(runs["adapter_dir"].iloc[0]).is_dir()  # the stopped trial kept its work
+
+
+def test_ctrl_c_during_one_of_the_main_threads_own_writes_still_cancels(tmp_path) -> None:
+    """The CI failure of 2026-12-01: Ctrl-C landed while the main thread held a store write; the
+    handler's own write then waited on that lock and failed with "database is locked"."""
+    store = Store.open(tmp_path)
+    trial = {"name": "t", "model": "m", "dataset": "d", "settings": {}, "config": {}, "owner": CLI}
+    experiment_id = store.create_experiment("e", "m", "d", {}, trials=[trial, trial])
+    with pytest.raises(KeyboardInterrupt), engine.ctrl_c_cancels(store, experiment_id):
+        db = sqlite3.connect(store.path, timeout=30)
+        db.execute("BEGIN IMMEDIATE")  # the main thread's write, in flight
+        db.execute("UPDATE runs SET name = 'renamed' WHERE id = 1")
+        signal.raise_signal(signal.SIGINT)
+        db.commit()
+        db.close()
+    assert store.experiment_cancel_requested(experiment_id)
+    assert store.run(1)["name"] == "renamed"  # the interrupted write was kept

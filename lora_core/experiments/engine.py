@@ -187,19 +187,25 @@ def ctrl_c_cancels(store: Store, experiment_id: int) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    pressed: list[bool] = []
+    pressed: list[threading.Thread] = []
 
     def on_ctrl_c(signum, frame) -> None:
         if pressed:
             raise KeyboardInterrupt
-        pressed.append(True)
-        store.cancel_experiment(experiment_id)
+        # The handler runs on the main thread between two bytecodes, possibly inside one of this
+        # thread's own store writes: writing here would wait on its own lock ("database is
+        # locked"). A thread writes the cancel once the interrupted write has committed.
+        writer = threading.Thread(target=store.cancel_experiment, args=(experiment_id,), daemon=True)
+        pressed.append(writer)
+        writer.start()
 
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        for writer in pressed:
+            writer.join()
     if pressed:
         raise KeyboardInterrupt
 

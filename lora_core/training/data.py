@@ -8,6 +8,7 @@ from lora_core.datasets import (
     BUILTIN_TASKS,
     IGNORE_INDEX,
     MAX_UPLOAD_BYTES,
+    UPLOAD_SUFFIXES,
     DatasetError,
     builtin_dataset,
     check_hub_dataset,
@@ -33,6 +34,8 @@ def load_dataset(spec: str, seed: int = 0):
         return builtin_dataset(spec, seed=seed)
     if spec.startswith("upload:"):
         name = spec.removeprefix("upload:")
+        if Path(name).suffix.lower() not in UPLOAD_SUFFIXES:  # before the disk: /etc/passwd is not read
+            raise DatasetError(f"{short_repr(name)}: use a .jsonl or .csv file")
         try:
             path = Path(name).expanduser()
             if not path.is_file():
