@@ -21,9 +21,9 @@ import pytest
 from tiny_model import build_tiny_causal_lm
 from tiny_model import tiny_train_config as tiny_config
 
-from lora_core.experiments import engine
 from lora_core.experiments import (
     GridError,
+    engine,
     estimate_plan,
     pareto_front,
     parse_grid,
