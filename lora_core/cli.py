@@ -178,6 +178,10 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--space", choices=tuple(SEARCH_SPACES), default="balanced")
     search.add_argument("--json", action="store_true")
     search.set_defaults(handler=_cmd_search)
+
+    from lora_core.advisor.cli import add_advise_parser
+
+    add_advise_parser(commands, _Parser)
     return parser
 
 

@@ -35,7 +35,6 @@ def test_the_package_declares_its_command_data_and_pins() -> None:
     these three declarations; a renamed entry point or a catalogue outside the package data would
     only show up on a user's machine."""
     import importlib
-
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())

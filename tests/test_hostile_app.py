@@ -14,11 +14,11 @@ import json
 import math
 import re
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import tomllib
 from streamlit.testing.v1 import AppTest
 
 from lora_core.datasets import MAX_UPLOAD_BYTES
