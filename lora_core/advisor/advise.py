@@ -263,7 +263,7 @@ def advise(case: Case, evidence: Evidence | None = None) -> Advice:
     settings = settings.replace(r=r)
     alpha, settings = _alpha(settings, case, book)
     rslora = _rslora(settings, book)
-    dropout, settings = _dropout(settings, case, book)
+    dropout, settings = _dropout(settings, case, params_b, book)
     lr_choice, lr = _learning_rate(inv, params_b, case, book)
     seq_len, seq_choice = _seq_len(case, book)
     epochs_choice, epochs = _epochs(case, book)
@@ -418,15 +418,16 @@ def _rslora(settings: LoraSettings, book: _Ledger) -> Choice:
     return Choice("use_rslora", "off", rule, ("tm-lr-table", "rslora"), (), alternatives)
 
 
-def _dropout(settings: LoraSettings, case: Case, book: _Ledger) -> tuple[Choice, LoraSettings]:
+def _dropout(settings: LoraSettings, case: Case, params_b: float, book: _Ledger) -> tuple[Choice, LoraSettings]:
     rule = (
         f"{book.claim('no-dropout-benchmarks', 'dropout')}: the measured setups (PEFT's benchmark, Tinker) train "
         "without dropout, and no source measured dropout against dataset size."
     )
     alternatives = (
         Alternative(
-            f"{book.claim('qlora-scripts', 'dropout_7b')} (7B) / {book.claim('qlora-scripts', 'dropout_13b_up')} (13B+)",
-            "QLoRA's released scripts, on one dataset of about 10k conversations",
+            _qlora_row(params_b, book, "dropout_by_size")[1],
+            f"QLoRA's released script for the {_qlora_row(params_b, book, 'dropout_by_size')[0]}B model, the "
+            "nearest size it trained; one dataset, no comparison with other rates",
             ("qlora-scripts",),
         ),
         Alternative(
@@ -459,14 +460,15 @@ def _learning_rate(inv: Inventory, params_b: float, case: Case, book: _Ledger) -
         f"in the cookbook's code; older docs said {book.claim('tm-lr-factor-text', 'old_docs_low')}-"
         f"{book.claim('tm-lr-factor-text', 'old_docs_high')}x."
     )
-    qlora_key = "lr_up_to_13b" if params_b < 20 else "lr_33b_up"
+    size, qlora_lr = _qlora_row(params_b, book, "lr_by_size")
     factor = book.claim_value("tm-lr-factor-text", "short_run_factor") / book.claim_value(
         "tm-lr-factor-text", "lora_over_full_lr"
     )
     alternatives = (
         Alternative(
-            book.claim("qlora-scripts", qlora_key),
-            "QLoRA's scripts for a model of this size (constant schedule, alpha 16 at r=64)",
+            qlora_lr,
+            f"QLoRA's script for the {size}B model, the nearest size it trained (constant schedule, alpha "
+            f"{book.claim('qlora-scripts', 'lora_alpha')} at r={book.claim('qlora-scripts', 'r')})",
             ("qlora-scripts",),
         ),
         Alternative(
@@ -479,6 +481,16 @@ def _learning_rate(inv: Inventory, params_b: float, case: Case, book: _Ledger) -
     )
     claims = ("tm-lr-table", "tm-lr-factor-code", "tm-lr-factor-text", "tm-sweep-rank-lr")
     return Choice("learning_rate", lr_text, rule, claims, (), alternatives), lr
+
+
+def _qlora_row(params_b: float, book: _Ledger, key: str) -> tuple[str, str]:
+    """(size, value) texts of the QLoRA script nearest in model size to `params_b`."""
+    sizes = book.claim_list("qlora-scripts", "sizes_b")
+    index = min(range(len(sizes)), key=lambda i: abs(math.log(sizes[i] / max(params_b, 1e-3))))
+    return (
+        book.listed("qlora-scripts", "sizes_b", sizes[index]),
+        book.listed("qlora-scripts", key, book.claim_list("qlora-scripts", key)[index]),
+    )
 
 
 def _billions(params_b: float) -> str:
@@ -635,7 +647,7 @@ def _distances(claims: Iterable[str], book: _Ledger, case: Case, params_b: float
                     f"-{book.scope(claim_id, 'params_b', high)}" if high != low else ""
                 )
                 parts.append(
-                    f"model {book.engine(factor, 'size ratio', f'{factor:.3g}')}x {side} the {measured}B measured"
+                    f"model {book.engine(factor, 'size ratio', _ratio(factor))}x {side} the {measured}B measured"
                 )
             else:
                 parts.append("model size as measured")
@@ -649,7 +661,7 @@ def _distances(claims: Iterable[str], book: _Ledger, case: Case, params_b: float
             if factor >= NOTABLE_RATIO:
                 side = "fewer" if case.examples < low else "more"
                 parts.append(
-                    f"{book.engine(factor, 'dataset ratio', f'{factor:.3g}')}x {side} examples than the "
+                    f"{book.engine(factor, 'dataset ratio', _ratio(factor))}x {side} examples than the "
                     f"{book.scope(claim_id, 'examples', low)} measured"
                 )
         if parts:
@@ -657,7 +669,11 @@ def _distances(claims: Iterable[str], book: _Ledger, case: Case, params_b: float
     return tuple(lines)
 
 
-_NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?:e-?\d+)?")
+def _ratio(factor: float) -> str:
+    return f"{factor:.3g}" if factor < 100 else f"{round(factor):,}"
+
+
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?(?:e-?\d+)?")
 
 
 def numbers_in(text: str) -> list[str]:

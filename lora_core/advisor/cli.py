@@ -65,12 +65,14 @@ def cmd_advise(args: argparse.Namespace) -> int:
 def _measure(spec: str, model: str):
     from lora_core.advisor.measure import load_tokenizer, measure_dataset
     from lora_core.training.config import EMBEDDED, TrainSetupError
+    from lora_core.training.data import load_dataset
 
+    dataset = load_dataset(spec)  # bad input fails here, before a tokenizer is loaded
     try:
         name, tokenizer = model, load_tokenizer(model)
     except TrainSetupError:  # a config only (catalogue, offline Hub id): count with the embedded model's
         name, tokenizer = EMBEDDED, load_tokenizer(EMBEDDED)
-    return measure_dataset(spec, tokenizer, name)
+    return measure_dataset(dataset, tokenizer, name)
 
 
 def advice_lines(advice: Advice) -> list[str]:

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_core.datasets import IGNORE_INDEX, DatasetError, tokenize_examples
+from lora_core.datasets import IGNORE_INDEX, Dataset, DatasetError, tokenize_examples
 from lora_core.memory import MAX_SEQ_LEN
 from lora_core.training.config import EMBEDDED, TrainSetupError, causal_lm_config
-from lora_core.training.data import load_dataset
 
 LONGEST_QUANTILE = 0.95  # the sequence length covers this share of examples; the rest are truncated
 
@@ -42,13 +41,12 @@ def load_tokenizer(model: str):
         raise TrainSetupError(f"model {model!r} has no loadable tokenizer: {str(error).splitlines()[0]}") from None
 
 
-def measure_dataset(spec: str, tokenizer, tokenizer_name: str = EMBEDDED) -> DatasetMeasure:
-    """Measure the dataset `spec` (a built-in task, "upload:<path>" or "hub:<repo>") with `tokenizer`.
-    Raises `DatasetError` for a dataset that cannot be read or has no example."""
-    dataset = load_dataset(spec)
+def measure_dataset(dataset: Dataset, tokenizer, tokenizer_name: str = EMBEDDED) -> DatasetMeasure:
+    """Measure `dataset` (from `training.data.load_dataset` or an upload) with `tokenizer`.
+    Raises `DatasetError` for a dataset without examples."""
     examples = [*dataset.train, *dataset.eval]
     if not examples:
-        raise DatasetError(f"dataset {spec!r} has no examples")
+        raise DatasetError(f"dataset {dataset.name!r} has no examples")
     # as training frames them (chat template, EOS), so the counts are the tokens a run sees
     encoded = tokenize_examples(examples, tokenizer, MAX_SEQ_LEN)
     completions = [sum(label != IGNORE_INDEX for label in e["labels"]) for e in encoded]

@@ -1,0 +1,319 @@
+"""The advisor: the evidence file, the recommendation's provenance (every number shown comes from
+the evidence file, the engine or the user's input), its rules, the `advise` CLI and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+
+import pytest
+from tiny_model import build_tiny_causal_lm
+
+from lora_core.advisor import Advice, AdviceError, Case, EvidenceError, advise, load_evidence, numbers_in
+from lora_core.advisor.evidence import EVIDENCE_FILE, READS, TASKS
+from lora_core.advisor.measure import measure_dataset
+from lora_core.cli import main
+from lora_core.counting import count_lora_params
+from lora_core.datasets import IGNORE_INDEX, tokenize_examples
+from lora_core.memory import GIB, GPUS_GIB, estimate_memory
+from lora_core.training.data import load_dataset
+
+EVIDENCE = load_evidence()
+CASES = [
+    Case("HuggingFaceTB/SmolLM2-135M", "sft", 2000, 100.0, 50.0, 24.0, "quality"),
+    Case("meta-llama/Meta-Llama-3-8B", "sft", 100_000, 300.0, 200.0, 24.0, "quality"),
+    Case("mistralai/Mixtral-8x7B-v0.1", "sft", 50_000, 400.0, 0.0, 80.0, "speed"),
+    Case("meta-llama/Llama-2-70b-hf", "domain", 1_000_000, 1000.0, 0.0, 24.0, "memory"),
+    Case("meta-llama/Llama-3.2-1B", "preference", 5000, 200.0, 300.0, 16.0, "speed"),
+    Case("facebook/opt-125m", "classification", 300, 3.0, 120.0, 8.0, "quality"),
+    Case("openai-community/gpt2", "sft", 10**9, 500.0, 0.0, 24.0, "quality"),
+]
+
+
+@pytest.fixture(scope="module")
+def advices() -> list[Advice]:
+    return [advise(case) for case in CASES]
+
+
+# --- the evidence file -------------------------------------------------------------------------
+
+
+def test_every_claim_says_what_was_read_and_where_it_comes_from() -> None:
+    assert len(EVIDENCE.claims) >= 20
+    for claim in EVIDENCE.claims.values():
+        assert claim.read in READS and claim.source and claim.ref and claim.conditions
+        if claim.read in ("primary", "abstract", "secondary"):  # a paper id or a commit-pinned file
+            assert (
+                re.match(r"arXiv:\d{4}\.\d{5}$", claim.ref)
+                or re.search(r"/blob/[0-9a-f]{40}/", claim.ref)
+                or (claim.read == "secondary")
+            ), claim.id
+
+
+def test_the_sources_the_issue_names_are_all_there() -> None:
+    refs = " ".join(claim.ref for claim in EVIDENCE.claims.values())
+    for paper in ("2405.09673", "2312.03732", "2402.12354", "2602.04998"):  # Biderman, rsLoRA, LoRA+, LR matters
+        assert paper in refs
+    assert "tinker-cookbook" in refs and "method_comparison/MetaMathQA" in refs and "thinkingmachines.ai" in refs
+    assert {"article-rank-bands", "article-dropout", "article-scenarios"} <= set(EVIDENCE.claims)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda text: text + "\n[[claims]]\n" + text.split("\n[[claims]]\n")[1], "appears twice"),
+        (lambda text: text.replace('read = "primary"', 'read = "hearsay"', 1), "`read` must be one of"),
+        (lambda text: text.replace("lora_over_full_lr = 10 }", "lora_over_full_lr = nan }", 1), "finite number"),
+        (lambda text: text.replace('tasks = ["sft"]', 'tasks = ["poetry"]', 1), "scope tasks"),
+        (lambda text: text.replace("\n[[claims]]\n", "\n[[claims]]\nid = 3\n", 1), "Cannot overwrite"),
+        (lambda text: "\x00\xff" + text, "cannot be read"),
+    ],
+)
+def test_a_broken_evidence_file_is_refused_in_one_line(tmp_path, edit, message) -> None:
+    text = EVIDENCE_FILE.read_text()
+    broken = tmp_path / "evidence.toml"
+    broken.write_text(edit(text))
+    with pytest.raises(EvidenceError, match=re.escape(message)) as caught:
+        load_evidence(broken)
+    assert "\n" not in str(caught.value)
+
+
+# --- provenance: every number shown is a figure, every figure is the file's, the engine's or the input's
+
+
+def _check_provenance(advice: Advice) -> None:
+    known = {claim_id for claim_id in EVIDENCE.claims}
+    for choice in advice.choices:
+        assert choice.claims and set(choice.claims) <= known, choice.name
+        for alternative in choice.alternatives:
+            assert alternative.claims and set(alternative.claims) <= known
+    for figure in advice.figures:
+        kind, _, rest = figure.origin.partition(":")
+        if kind == "claim":
+            claim_id, key = rest.split(":")
+            value = EVIDENCE.number(claim_id, key)
+            assert figure.value in (value if isinstance(value, tuple) else (value,)), figure
+        elif kind == "table":
+            claim_id, model, key = rest.rsplit(":", 2)
+            row = next(row for row in EVIDENCE[claim_id].lr_by_model if row["model"] == model)
+            assert figure.value == row[key], figure
+        elif kind == "scope":
+            claim_id, key = rest.split(":")
+            assert figure.value in EVIDENCE[claim_id].scope[key], figure
+        elif kind == "input":
+            assert figure.value == getattr(advice.case, rest), figure
+        else:
+            assert kind == "engine", figure
+        shown = float(figure.text.replace(",", ""))  # the text is the value, rounded for reading
+        assert shown == pytest.approx(figure.value, rel=5e-3, abs=0.05), figure
+    # model names and claim ids carry digits of their own; they are names, not numbers shown
+    names = [
+        advice.model_id,
+        *known,
+        *(row["model"] for claim in EVIDENCE.claims.values() for row in claim.lr_by_model),
+    ]
+    allowed = {figure.text for figure in advice.figures}
+    for text in advice.shown_text():
+        for name in sorted(names, key=len, reverse=True):
+            text = text.replace(name, "<name>")
+        stray = [number for number in numbers_in(text) if number not in allowed]
+        assert not stray, f"{stray} in {text!r} come from neither the evidence file nor the engine"
+
+
+def test_every_recommendation_names_claims_and_every_number_has_a_source(advices) -> None:
+    for advice in advices:
+        _check_provenance(advice)
+
+
+def test_the_provenance_check_catches_a_number_written_into_a_rule(advices) -> None:
+    advice = advices[0]
+    choice = advice.choices[1]
+    forged = dataclasses.replace(choice, rule=choice.rule + " Most people use 42.")
+    with pytest.raises(AssertionError, match="42"):
+        _check_provenance(dataclasses.replace(advice, choices=(advice.choices[0], forged, *advice.choices[2:])))
+    wrong = dataclasses.replace(advice.figures[0], value=advice.figures[0].value * 3)
+    with pytest.raises(AssertionError):
+        _check_provenance(dataclasses.replace(advice, figures=(wrong, *advice.figures[1:])))
+
+
+# --- the rules ---------------------------------------------------------------------------------
+
+
+def test_the_count_and_the_memory_are_the_engines_own(advices) -> None:
+    for advice in advices:
+        assert advice.count.trainable_params == count_lora_params(advice.case.model, advice.settings).trainable_params
+        estimate = estimate_memory(advice.case.model, advice.settings, advice.setup)
+        assert advice.estimate.required_bytes == estimate.required_bytes
+        assert advice.fits == estimate.fits(advice.case.gpu_gib)
+
+
+def test_the_rank_grows_with_the_dataset_until_the_ladder_ends() -> None:
+    ladder = EVIDENCE.number("app-rank-ladder", "ladder")
+    ranks = [
+        advise(Case("meta-llama/Llama-3.2-1B", examples=n, completion_tokens=200.0, priority="speed"))
+        for n in (100, 10**4, 10**5, 10**7, 10**9)
+    ]
+    values = [advice.settings.r for advice in ranks]
+    assert values == sorted(values) and values[0] == ladder[0] and values[-1] == ladder[-1]
+    for advice in ranks:  # the capacity rule: the rung gives at least one parameter per completion token
+        if ladder[0] < advice.settings.r < ladder[-1]:
+            assert advice.count.trainable_params >= advice.case.examples * advice.case.completion_tokens
+    assert not ranks[1].warnings and any("capacity" in warning for warning in ranks[-1].warnings)
+
+
+def test_quality_first_takes_one_rung_up_and_preference_tuning_the_lowest() -> None:
+    ladder = list(EVIDENCE.number("app-rank-ladder", "ladder"))
+    case = Case("meta-llama/Llama-3.2-1B", examples=20_000, completion_tokens=200.0, priority="speed")
+    speed = advise(case).settings.r
+    assert advise(dataclasses.replace(case, priority="quality")).settings.r == ladder[ladder.index(speed) + 1]
+    assert advise(dataclasses.replace(case, task="preference")).settings.r == ladder[0]
+
+
+def test_a_model_in_the_cookbooks_table_gets_its_own_learning_rate_else_the_nearest() -> None:
+    exact = advise(Case("meta-llama/Llama-3.2-1B", examples=1000))
+    assert exact.training.learning_rate == 1e-3 and "nearest" not in exact.choice("learning_rate").rule
+    nearest = advise(Case("meta-llama/Llama-2-70b-hf", examples=1000, gpu_gib=141.0))
+    assert nearest.training.learning_rate == 3e-4 and "Llama-3.1-70B" in nearest.choice("learning_rate").rule
+
+
+def test_what_does_not_fit_gets_the_nearest_change_that_does() -> None:
+    roomy = advise(Case("meta-llama/Meta-Llama-3-8B", examples=10_000, completion_tokens=200.0, gpu_gib=80.0))
+    assert roomy.fits and roomy.setup.quantization == "none" and not roomy.setup.gradient_checkpointing
+    tight = advise(Case("meta-llama/Meta-Llama-3-8B", examples=10_000, completion_tokens=1500.0, gpu_gib=24.0))
+    assert tight.fits and (tight.setup.gradient_checkpointing or tight.setup.quantization == "nf4")
+    assert "Nearest change" in tight.choice("memory").rule
+    assert tight.training.micro_batch * tight.training.grad_accumulation >= EVIDENCE.number(
+        "app-batch", "effective_batch"
+    )
+    huge = advise(Case("meta-llama/Llama-2-70b-hf", examples=10_000, gpu_gib=24.0))
+    smallest = next(gib for gib in GPUS_GIB if huge.estimate.fits(gib))  # QLoRA + checkpointing at micro-batch 1
+    assert not huge.fits and f"smallest common GPU it fits is {smallest} GiB" in huge.choice("memory").rule
+    assert huge.estimate.required_bytes > 24 * GIB
+
+
+def test_memory_first_goes_straight_to_qlora_at_micro_batch_1() -> None:
+    advice = advise(Case("meta-llama/Meta-Llama-3-8B", examples=10_000, gpu_gib=24.0, priority="memory"))
+    assert (
+        advice.setup.quantization == "nf4" and advice.setup.gradient_checkpointing and advice.training.micro_batch == 1
+    )
+
+
+def test_the_sequence_length_covers_prompt_and_completion_padded_to_64() -> None:
+    advice = advise(Case("facebook/opt-125m", examples=10, completion_tokens=100.0, prompt_tokens=30.5))
+    assert advice.training.seq_len == 192
+    assert advise(dataclasses.replace(advice.case, seq_len=77)).training.seq_len == 77
+
+
+def test_steps_cover_the_epochs() -> None:
+    advice = advise(Case("facebook/opt-125m", examples=1000, completion_tokens=50.0))
+    training = advice.training
+    assert training.steps == math.ceil(1000 * training.epochs / training.effective_batch)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"task": "poetry"}, "`task`"),
+        ({"examples": 0}, "`examples`"),
+        ({"examples": True}, "`examples`"),
+        ({"examples": 10**12}, "`examples`"),
+        ({"completion_tokens": float("nan")}, "`completion_tokens`"),
+        ({"completion_tokens": 0.0}, "`completion_tokens`"),
+        ({"prompt_tokens": -1.0}, "`prompt_tokens`"),
+        ({"gpu_gib": float("inf")}, "`gpu_gib`"),
+        ({"gpu_gib": 0.0}, "`gpu_gib`"),
+        ({"priority": "vibes"}, "`priority`"),
+        ({"seq_len": 0}, "`seq_len`"),
+    ],
+)
+def test_a_bad_case_is_refused_in_one_line_naming_the_field(changes, field) -> None:
+    with pytest.raises(AdviceError) as caught:
+        advise(dataclasses.replace(Case("facebook/opt-125m"), **changes))
+    assert field in str(caught.value) and "\n" not in str(caught.value)
+
+
+# --- measuring a dataset ----------------------------------------------------------------------------
+
+
+def test_a_measured_dataset_counts_the_tokens_training_sees(tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    model = build_tiny_causal_lm(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rows = [{"prompt": "x " * (i + 1), "completion": "y " * (3 * i + 1)} for i in range(20)]
+    upload = tmp_path / "data.jsonl"
+    upload.write_text("\n".join(json.dumps(row) for row in rows))
+    dataset = load_dataset(f"upload:{upload}")
+    measured = measure_dataset(dataset, tokenizer, str(model))
+    encoded = tokenize_examples([*dataset.train, *dataset.eval], tokenizer, 10**6)
+    completion = [sum(label != IGNORE_INDEX for label in e["labels"]) for e in encoded]
+    assert measured.examples == 20
+    assert measured.completion_tokens == pytest.approx(sum(completion) / 20)
+    assert measured.prompt_tokens == pytest.approx(
+        sum(len(e["input_ids"]) for e in encoded) / 20 - sum(completion) / 20
+    )
+    assert measured.completion_tokens > measured.prompt_tokens  # the completions were made longer
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+
+
+def _advise(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["advise", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_advise_json_gives_config_count_memory_and_claims_per_choice(capsys) -> None:
+    argv = ["--model", "meta-llama/Meta-Llama-3-8B", "--task", "sft", "--examples", "100000"]
+    code, out, _ = _advise(capsys, *argv, "--completion-tokens", "300", "--gpu-gb", "24", "--json")
+    data = json.loads(out)
+    assert code == 0
+    expected = advise(Case("meta-llama/Meta-Llama-3-8B", "sft", 100_000, 300.0, 0.0, 24.0))
+    assert data["config"]["r"] == expected.settings.r and data["config"]["peft_type"] == "LORA"
+    assert data["trainable_params"] == expected.count.trainable_params
+    assert data["memory"]["fits"] is expected.fits
+    assert data["memory"]["required_gib"] == round(expected.estimate.required_bytes / GIB, 3)
+    assert set(data["choices"]) >= {"targets", "r", "lora_alpha", "lora_dropout", "learning_rate", "epochs", "memory"}
+    assert all(choice["claims"] for choice in data["choices"].values())
+
+
+def test_advise_text_lists_each_choice_and_the_sources(capsys) -> None:
+    code, out, _ = _advise(capsys, "--model", "facebook/opt-125m", "--examples", "2000", "--completion-tokens", "100")
+    assert code == 0
+    assert "r = " in out and "learning_rate = " in out and "Claims:" in out and "arXiv:2405.09673" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--examples", "10"], "--completion-tokens"),
+        (["--examples", "-5", "--completion-tokens", "10"], "`examples`"),
+        (["--examples", "1e9", "--completion-tokens", "10"], "invalid int value"),
+        (["--examples", "10", "--completion-tokens", "nan"], "`completion_tokens`"),
+        (["--examples", "10", "--completion-tokens", "10", "--gpu-gb", "-1"], "`gpu_gib`"),
+        (["--examples", "10", "--completion-tokens", "10", "--task", "rlhf"], "invalid choice"),
+        (["--examples", "10", "--completion-tokens", "10", "--dataset", "reverse_list"], "not both"),
+        (["--dataset", "upload:../../etc/passwd"], "use a .jsonl or .csv file"),
+        (["--dataset", "upload:/nonexistent/x.jsonl"], "does not exist"),
+    ],
+)
+def test_advise_refuses_bad_flags_with_exit_2_and_one_line(capsys, argv, message) -> None:
+    code, out, err = _advise(capsys, "--model", "facebook/opt-125m", *argv)
+    assert code == 2 and not out
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_advise_refuses_a_binary_upload_and_an_unknown_model(capsys, tmp_path) -> None:
+    junk = tmp_path / "junk.jsonl"
+    junk.write_bytes(bytes(range(256)) * 4)
+    code, _, err = _advise(capsys, "--model", "facebook/opt-125m", "--dataset", f"upload:{junk}")
+    assert code == 2 and "UTF-8" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _advise(capsys, "--model", "../../nope", "--examples", "5", "--completion-tokens", "5")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_tasks_are_the_four_the_page_offers() -> None:
+    assert set(TASKS) == {"sft", "domain", "classification", "preference"}
