@@ -24,6 +24,7 @@ PAGES = [
     st.Page("pages/memory.py", title="Memory", icon=":material/memory:"),
     st.Page("pages/finetune.py", title="Fine-tune", icon=":material/model_training:"),
     st.Page("pages/experiments.py", title="Experiments", icon=":material/science:"),
+    st.Page("pages/advisor.py", title="Advisor", icon=":material/lightbulb:"),
     st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ]
 

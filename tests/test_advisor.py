@@ -317,3 +317,41 @@ def test_advise_refuses_a_binary_upload_and_an_unknown_model(capsys, tmp_path) -
 
 def test_tasks_are_the_four_the_page_offers() -> None:
     assert set(TASKS) == {"sft", "domain", "classification", "preference"}
+
+
+# --- Verify ------------------------------------------------------------------------------------
+
+
+def test_verify_grid_is_the_advice_with_its_ladder_neighbours_and_lr_factors() -> None:
+    from lora_core.advisor.verify import verify_grid
+
+    advice = advise(Case("facebook/opt-125m", examples=2000, completion_tokens=100.0))
+    ladder = list(EVIDENCE.number("app-rank-ladder", "ladder"))
+    ranks, rates = verify_grid(advice)
+    index = ladder.index(advice.settings.r)
+    assert ranks == f"r={ladder[index - 1]},{ladder[index]},{ladder[index + 1]}"
+    factors = EVIDENCE.number("app-verify", "lr_factors")
+    assert [float(v) for v in rates.removeprefix("lr=").split(",")] == pytest.approx(
+        [advice.training.learning_rate * f for f in factors]
+    )
+
+
+@pytest.mark.parametrize(
+    ("losses", "verdicts", "says"),
+    [
+        ([1.0, 1.2], ["best", "worse"], "has the lowest eval loss"),
+        ([1.1, 1.0], ["not significant", "best"], "within seed noise"),
+        ([1.5, 1.0], ["worse", "best"], "more than the seeds' spread"),
+        ([1.5, 1.0], ["no seed spread", "best"], "one seed each"),
+    ],
+)
+def test_the_verdict_reads_the_ranking_of_the_advised_config(losses, verdicts, says) -> None:
+    import pandas as pd
+
+    from lora_core.advisor.verify import verify_verdict
+
+    ranking = pd.DataFrame({"r": [16, 32], "lr": [1e-3, 5e-4], "eval_loss": losses, "verdict": verdicts})
+    ranking = ranking.sort_values("eval_loss").reset_index(drop=True)
+    assert says in verify_verdict(16, 1e-3, ranking)
+    assert "not finished" in verify_verdict(64, 1e-3, ranking)
+    assert "No trial" in verify_verdict(16, 1e-3, ranking.iloc[0:0])

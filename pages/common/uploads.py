@@ -42,6 +42,7 @@ UPLOADS = {
     "lx_import_upload": UploadRule("an adapter_config.json", IMPORT_MAX_BYTES, (".json",)),
     "lx_train_upload": UploadRule("a JSONL or CSV dataset", MAX_UPLOAD_BYTES, (".jsonl", ".json", ".csv")),
     "lx_exp_upload": UploadRule("a JSONL or CSV dataset", MAX_UPLOAD_BYTES, (".jsonl", ".json", ".csv")),
+    "lx_adv_upload": UploadRule("a JSONL or CSV dataset", MAX_UPLOAD_BYTES, (".jsonl", ".json", ".csv")),
 }
 
 

@@ -1,0 +1,126 @@
+"""AppTest of the Advisor page: the advice follows the form and the sidebar's model, shows the
+engine's count, each choice's claims, Apply sets the sidebar, bad input keeps the page, and Verify
+queues an experiment around the advice that the page then reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from lora_core.advisor import Case, advise
+from lora_core.advisor.verify import verify_grid
+from lora_core.store import Store
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("LORA_EXPLORER_DATA", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def page(data_dir) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.run()
+    at.switch_page("pages/advisor.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def model_of(at: AppTest) -> str:
+    return at.session_state["lx_spec"].model_id
+
+
+def test_the_advice_is_the_engines_for_the_sidebar_model_and_the_form(page: AppTest) -> None:
+    expected = advise(Case(model_of(page), "sft", 2000, 256.0, 0.0, 24.0, "quality"))
+    assert metrics(page)["Trainable parameters (exact)"] == f"{expected.count.trainable_params:,}"
+    assert metrics(page)["On your 24 GiB GPU"] == ("fits" if expected.fits else "does not fit")
+    page.number_input(key="lx_adv_examples").set_value(200_000).run()
+    bigger = advise(Case(model_of(page), "sft", 200_000, 256.0, 0.0, 24.0, "quality"))
+    assert bigger.settings.r > expected.settings.r
+    assert metrics(page)["Trainable parameters (exact)"] == f"{bigger.count.trainable_params:,}"
+    table = page.dataframe[0].value
+    assert table.set_index("field").loc["r", "value"] == str(bigger.settings.r)
+
+
+def test_every_choice_shows_its_claims_with_sources(page: AppTest) -> None:
+    text = " ".join(m.value for m in page.markdown)
+    for claim in ("tm-lr-table", "tm-capacity", "peft-lora-mlp-r10", "no-dropout-benchmarks", "app-epochs"):
+        assert f"`{claim}`" in text
+    assert "github.com/thinking-machines-lab/tinker-cookbook/blob/" in text
+    assert len(page.expander) == len(advise(Case(model_of(page), examples=2000)).choices)
+
+
+def test_apply_puts_the_advice_in_the_sidebar(page: AppTest) -> None:
+    page.number_input(key="lx_adv_examples").set_value(100_000).run()
+    advice = advise(Case(model_of(page), "sft", 100_000, 256.0, 0.0, 24.0, "quality"))
+    page.button(key="lx_adv_apply").click().run()
+    assert not page.exception, page.exception
+    assert page.slider(key="lx_r").value == advice.settings.r
+    assert page.number_input(key="lx_alpha").value == advice.settings.lora_alpha
+    assert page.selectbox(key="lx_strategy").value == "All linear"
+    assert page.slider(key="lx_dropout").value == advice.settings.lora_dropout
+
+
+def test_export_gives_the_peft_config_and_the_advice(page: AppTest) -> None:
+    buttons = {b.proto.label: b for b in page.get("download_button")}
+    assert "Export adapter_config.json" in buttons and "Export the advice (JSON)" in buttons
+
+
+def test_a_measured_upload_drives_the_advice_and_a_bad_one_says_why(page: AppTest) -> None:
+    page.radio(key="lx_adv_source").set_value("Measure an upload").run()
+    rows = [{"prompt": f"question {i}", "completion": "answer " * 40} for i in range(30)]
+    good = "\n".join(json.dumps(row) for row in rows).encode()
+    page.file_uploader(key="lx_adv_upload").set_value(("data.jsonl", good, "application/octet-stream")).run()
+    assert not page.exception, page.exception
+    caption = next(c.value for c in page.caption if c.value.startswith("Measured"))
+    assert "30 examples" in caption
+    advised = metrics(page)["Trainable parameters (exact)"]
+    for name, payload, words in [
+        ("junk.jsonl", bytes(range(256)) * 8, "UTF-8"),
+        ("../../etc/passwd", b"root:x:0:0", "use a .jsonl, .json or .csv file"),
+        ("empty.csv", b"", "empty"),
+    ]:
+        page.file_uploader(key="lx_adv_upload").set_value((name, payload, "application/octet-stream")).run()
+        assert not page.exception, page.exception
+        errors = [e.value for e in page.error]
+        assert len(errors) == 1 and words in errors[0] and "\n" not in errors[0], errors
+    page.file_uploader(key="lx_adv_upload").set_value(("data.jsonl", good, "application/octet-stream")).run()
+    assert metrics(page)["Trainable parameters (exact)"] == advised  # nothing the user had was lost
+
+
+def test_a_built_in_task_is_measured_and_a_huge_gpu_fits(page: AppTest) -> None:
+    page.radio(key="lx_adv_source").set_value("Measure a built-in task").run()
+    assert not page.exception, page.exception
+    caption = next(c.value for c in page.caption if c.value.startswith("Measured"))
+    assert "examples" in caption and "tokens" in caption
+    page.number_input(key="lx_adv_gpu").set_value(4096.0).run()
+    assert not page.exception and metrics(page)["On your 4096 GiB GPU"] == "fits"
+
+
+def test_verify_queues_the_advice_and_its_neighbours(page: AppTest, data_dir: Path) -> None:
+    advice = advise(Case(model_of(page), examples=2000))
+    page.number_input(key="lx_adv_steps").set_value(2)
+    page.button(key="lx_adv_verify").click().run()
+    assert not page.exception, page.exception
+    assert any("queued" in s.value for s in page.success), [e.value for e in page.error]
+    store = Store.open(data_dir)
+    experiment = store.experiments().iloc[0]
+    runs = store.experiment_runs(int(experiment["id"]))
+    ranks, rates = verify_grid(advice)
+    assert len(runs) == len(ranks.split(",")) * len(rates.split(","))
+    trials = [json.loads(t) if isinstance(t, str) else t for t in runs["trial"]]
+    assert {t["values"]["r"] for t in trials} == {int(v) for v in ranks.removeprefix("r=").split(",")}
+    assert any(
+        t["values"]["r"] == advice.settings.r and t["values"]["lr"] == advice.training.learning_rate for t in trials
+    )
+    store.cancel_experiment(int(experiment["id"]))  # the worker need not train them here
