@@ -146,6 +146,8 @@ for choice in advice.choices:
             claim = evidence[claim_id]
             st.markdown(f"- `{claim_id}` ({READS[claim.read]}): {claim.says}  \n  *{claim.source}*, `{claim.ref}`; "
                         f"measured on: {claim.conditions}")  # fmt: skip
+        if choice.article:
+            st.info(f"The article says: {choice.article}")
         if choice.distance:
             st.caption("Your case vs the conditions: " + " | ".join(choice.distance))
         for alternative in choice.alternatives:

@@ -104,7 +104,7 @@ class Alternative:
 class Choice:
     """One decision: `name` (a LoRA or training field), the `value` shown, the `rule` that chose
     it, the `claims` it stands on, `distance` (how the user's case compares with each claim's
-    conditions), and the `alternatives`."""
+    conditions), the `alternatives`, and what the article says (`article`, empty when nothing)."""
 
     name: str
     value: str
@@ -112,6 +112,7 @@ class Choice:
     claims: tuple[str, ...]
     distance: tuple[str, ...]
     alternatives: tuple[Alternative, ...]
+    article: str = ""  # what the article this app follows says about this choice, next to the evidence
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ class Advice:
         """Every sentence the page and the CLI show."""
         texts = [*self.warnings]
         for choice in self.choices:
-            texts += [choice.value, choice.rule, *choice.distance]
+            texts += [choice.value, choice.rule, choice.article, *choice.distance]
             texts += [text for alt in choice.alternatives for text in (alt.value, alt.when)]
         return texts
 
@@ -181,6 +182,7 @@ class Advice:
                     "rule": c.rule,
                     "claims": list(c.claims),
                     "distance": list(c.distance),
+                    "article": c.article,
                     "alternatives": [a.__dict__ | {"claims": list(a.claims)} for a in c.alternatives],
                 }
                 for c in self.choices
@@ -275,7 +277,14 @@ def advise(case: Case, evidence: Evidence | None = None) -> Advice:
     count = count_lora_params(inv, settings)
     estimate = estimate_memory(inv, settings, setup, count)
     decided = (targets, rank, alpha, rslora, dropout, lr_choice, epochs_choice, seq_choice, fit_choice, method)
-    choices = tuple(replace(c, distance=_distances(c.claims, book, case, params_b)) for c in decided)
+    choices = tuple(
+        replace(
+            c,
+            distance=_distances(c.claims, book, case, params_b),
+            alternatives=tuple(a for a in c.alternatives if a.value not in (c.value, f"r={c.value}")),
+        )
+        for c in decided
+    )
     if case.task == "domain":
         warnings.append(
             "Continued pretraining is where LoRA falls furthest behind full fine-tuning (bid-underperform): "
@@ -326,8 +335,13 @@ def _targets(inv: Inventory, case: Case, book: _Ledger) -> tuple[Choice, LoraSet
             ("peft-lora-qv-r32", "article-scenarios"),
         ),
     )
-    claims = ("tm-all-layers", "peft-lora-mlp-r10", "peft-lora-qv-r32", "bid-lr-alpha")
-    return Choice("targets", chosen.strategy, rule, claims, (), alternatives), settings
+    article = {
+        "classification": "q_proj and v_proj for classification on little data",
+        "domain": "all linear layers for domain adaptation",
+    }.get(case.task, "the four attention projections for instruction tuning")
+    article = f"{article}, in its scenarios; its own comparison counts parameters but measures no quality."
+    claims = ("tm-all-layers", "peft-lora-mlp-r10", "peft-lora-qv-r32", "bid-lr-alpha", "article-scenarios")
+    return Choice("targets", chosen.strategy, rule, claims, (), alternatives, article), settings
 
 
 def _rank(inv: Inventory, settings: LoraSettings, case: Case, book: _Ledger, warnings: list[str]) -> tuple[Choice, int]:
@@ -373,19 +387,20 @@ def _rank(inv: Inventory, settings: LoraSettings, case: Case, book: _Ledger, war
             f"{book.claim('tm-sweep-rank-lr', 'nll_r1')} to {book.claim('tm-sweep-rank-lr', 'nll_r64')}",
             ("tm-sweep-rank-lr",),
         ),
-        _article_rank(case, book),
     ]
-    return Choice("r", str(r), rule, claims, (), tuple(alternatives)), r
-
-
-def _article_rank(case: Case, book: _Ledger) -> Alternative:
-    key = {"classification": "classification_r", "domain": "domain_r"}.get(case.task, "instruction_r")
-    low, high = book.claim("article-rank-bands", "sweet_low"), book.claim("article-rank-bands", "sweet_high")
-    return Alternative(
-        f"r={book.claim('article-scenarios', key)}",
-        f"the article's scenario for this task (its bands put most tasks at {low}-{high}); no experiment is given",
-        ("article-scenarios", "article-rank-bands"),
+    article = (
+        f"r={book.claim('article-scenarios', _SCENARIO[case.task] + '_r')} in its scenario for this task; its bands "
+        f"put most tasks at {book.claim('article-rank-bands', 'sweet_low')}-"
+        f"{book.claim('article-rank-bands', 'sweet_high')}, complex ones at "
+        f"{book.claim('article-rank-bands', 'complex_low')}-{book.claim('article-rank-bands', 'complex_high')}, "
+        "without an experiment behind them; the rule above scales with the data instead."
     )
+    claims += ("article-scenarios", "article-rank-bands")
+    return Choice("r", str(r), rule, claims, (), tuple(alternatives), article), r
+
+
+# The article's scenario (its get_lora_config) closest to each task; preference tuning has none.
+_SCENARIO = {"sft": "instruction", "domain": "domain", "classification": "classification", "preference": "instruction"}
 
 
 def _alpha(settings: LoraSettings, case: Case, book: _Ledger) -> tuple[Choice, LoraSettings]:
@@ -402,9 +417,15 @@ def _alpha(settings: LoraSettings, case: Case, book: _Ledger) -> tuple[Choice, L
             ("bid-lr-alpha", "article-scenarios"),
         ),
     )
-    return Choice(
-        "lora_alpha", show(alpha), rule, ("tm-lr-table", "tm-sweep-rank-lr"), (), alternatives
-    ), settings.replace(lora_alpha=alpha)
+    article = (
+        f"alpha = {book.claim('article-scenarios', 'alpha_over_r')} x r in every scenario (scale "
+        f"{book.claim('article-scenarios', 'alpha_over_r')} at every rank), with the claim that alpha/r spares "
+        "re-tuning the learning rate; the cookbook's sweep instead fixes alpha and finds the best rate barely moves."
+    )
+    claims = ("tm-lr-table", "tm-sweep-rank-lr", "article-scenarios")
+    return Choice("lora_alpha", show(alpha), rule, claims, (), alternatives, article), settings.replace(
+        lora_alpha=alpha
+    )
 
 
 def _rslora(settings: LoraSettings, book: _Ledger) -> Choice:
@@ -430,14 +451,15 @@ def _dropout(settings: LoraSettings, case: Case, params_b: float, book: _Ledger)
             "nearest size it trained; one dataset, no comparison with other rates",
             ("qlora-scripts",),
         ),
-        Alternative(
-            f"{book.claim('article-dropout', 'low')}-{book.claim('article-dropout', 'high')}",
-            "the article's rule for small datasets; it gives no experiment",
-            ("article-dropout",),
-        ),
+    )
+    article = (
+        f"{book.claim('article-scenarios', _SCENARIO[case.task] + '_dropout')} in its scenario for this task, and "
+        f"{book.claim('article-dropout', 'low')}-{book.claim('article-dropout', 'high')} for small datasets, without "
+        "an experiment; its formula drops A x, while PEFT drops the layer's input x."
     )
     dropout = book.claim_value("no-dropout-benchmarks", "dropout")
-    choice = Choice("lora_dropout", show(dropout), rule, ("no-dropout-benchmarks", "article-dropout"), (), alternatives)
+    claims = ("no-dropout-benchmarks", "article-dropout", "article-scenarios")
+    choice = Choice("lora_dropout", show(dropout), rule, claims, (), alternatives, article)
     return choice, settings.replace(lora_dropout=dropout)
 
 

@@ -96,6 +96,8 @@ def advice_lines(advice: Advice) -> list[str]:
     for choice in advice.choices:
         lines.append(f"{choice.name} = {choice.value}   [{', '.join(choice.claims)}]")
         lines.append(f"    {choice.rule}")
+        if choice.article:
+            lines.append(f"    the article says: {choice.article}")
         lines += [f"    vs conditions: {line}" for line in choice.distance]
         for alternative in choice.alternatives:
             lines.append(f"    or {alternative.value}: {alternative.when} [{', '.join(alternative.claims)}]")
