@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import io
-import json
-import re
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-
-from lora_core.settings import lora_scale
-
-_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
 
 
 def adapter_zip(adapter_dir: str | Path) -> bytes:
@@ -30,60 +23,35 @@ def adapter_zip(adapter_dir: str | Path) -> bytes:
 
 
 def effective_ranks(adapter_dir: str | Path, energy: float = 0.9) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Singular values of each adapted module's scaled update `scale * B @ A`.
-
-    The update has rank <= r, so its spectrum comes from the r x r core: with B = Q_B R_B and
-    A^T = Q_A R_A (thin QR), B A = Q_B (R_B R_A^T) Q_A^T, whose singular values are those of
-    R_B R_A^T. Returns (summary, spectra): `summary` one row per module with `rank`, `scale`,
-    `effective_rank` (components holding `energy` of the squared spectrum), `entropy_rank`
-    (exp of the spectral entropy, Roy & Vetterli 2007) and `top_singular`; `spectra` the values.
-    """
-    import torch
-    from safetensors.torch import load_file
+    """Singular values of each adapted update `scale * B @ A` of the adapter in `adapter_dir`, from
+    the inspector's engine (`lora_core.inspect`). Returns (summary, spectra): `summary` one row per
+    update with `module`, `rank` (its r), `scale`, `effective_rank` (components holding `energy` of
+    the squared spectrum), `entropy_rank` (exp of the spectral entropy, Roy & Vetterli 2007) and
+    `top_singular`; `spectra` the values by `module` and `index`. Raises `AdapterError` (an
+    `InputError`) for a folder that is not a readable LoRA adapter."""
+    from lora_core.inspect import adapter_modules, check_adapter, energy_column, inspect_adapter
+    from lora_core.inspect.loading import LORA_KEY
 
     folder = Path(adapter_dir)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    tensors = load_file(str(folder / "adapter_model.safetensors"))
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _KEY.match(key)
-        if match:
-            pairs.setdefault(match["module"], {})[match["which"]] = tensor.float()
-    summary, spectra = [], []
-    for module, pair in sorted(pairs.items()):
-        if {"A", "B"} - set(pair) or pair["A"].dim() != 2:
-            continue
-        a, b = pair["A"], pair["B"]  # (r, in), (out, r)
-        rank = a.shape[0]
-        scale = _scale(config, module, rank)
-        r_b = torch.linalg.qr(b).R
-        r_a = torch.linalg.qr(a.T).R
-        singular = torch.linalg.svdvals(r_b @ r_a.T).double().numpy() * scale
-        summary.append({"module": module, "rank": rank, "scale": scale, **_rank_measures(singular, energy)})
-        spectra += [{"module": module, "index": i + 1, "singular_value": float(v)} for i, v in enumerate(singular)]
-    return pd.DataFrame(summary), pd.DataFrame(spectra)
+    adapter = check_adapter(folder, str(folder))
+    inspection = inspect_adapter(adapter, (energy,))
+    frame = inspection.modules
+    if frame.empty:
+        return pd.DataFrame(columns=_SUMMARY), pd.DataFrame(columns=["module", "index", "singular_value"])
+    # Rows keep the names the file gives the modules (`base_model.model....`), as this table always has.
+    saved = {m.module: LORA_KEY.match(m.a_key)["module"] for m in adapter_modules(adapter)}  # type: ignore[index]
+    names = {row.name: saved[row.module] + row.name[len(row.module) :] for row in frame.itertuples()}
+    summary = frame.assign(
+        module=frame["name"].map(names), rank=frame["r"], effective_rank=frame[energy_column(energy)]
+    )[_SUMMARY]
+    spectra = pd.DataFrame(
+        [
+            {"module": names[name], "index": i + 1, "singular_value": float(value)}
+            for name, values in inspection.spectra.items()
+            for i, value in enumerate(values)
+        ]
+    )
+    return summary.reset_index(drop=True), spectra
 
 
-def _scale(config: dict, module: str, rank: int) -> float:
-    """The scale PEFT gives `module` under the adapter_config.json dict `config`: its alpha is the
-    first `alpha_pattern` key PEFT's `get_pattern_key` matches, else `lora_alpha`."""
-    from peft.utils.other import get_pattern_key
-
-    patterns = config.get("alpha_pattern") or {}
-    alpha = patterns.get(get_pattern_key(list(patterns), module), config.get("lora_alpha", 8))
-    return lora_scale(rank, alpha, bool(config.get("use_rslora")))
-
-
-def _rank_measures(singular: np.ndarray, energy: float) -> dict:
-    squared = singular**2
-    total = squared.sum()
-    if total <= 0:
-        return {"effective_rank": 0, "entropy_rank": 0.0, "top_singular": 0.0}
-    cumulative = np.cumsum(squared) / total
-    p = singular / singular.sum()
-    p = p[p > 0]
-    return {
-        "effective_rank": int(np.searchsorted(cumulative, energy) + 1),
-        "entropy_rank": float(np.exp(-(p * np.log(p)).sum())),
-        "top_singular": float(singular[0]),
-    }
+_SUMMARY = ["module", "rank", "scale", "effective_rank", "entropy_rank", "top_singular"]

@@ -303,7 +303,11 @@ if run["status"] in ("completed", "cancelled") and run.get("adapter_dir"):
             mime="application/zip",
             key="lx_adapter_zip",
         )
-        summary, spectra = effective_ranks(run["adapter_dir"])
+        try:
+            summary, spectra = effective_ranks(run["adapter_dir"])
+        except InputError as error:  # a damaged adapter folder: the download above still works
+            st.warning(f"No spectra for this run's adapter: {error}")
+            summary, spectra = pd.DataFrame(), pd.DataFrame()
         if not summary.empty:
             st.subheader("Effective rank: how much of r the run used")
             st.write(
