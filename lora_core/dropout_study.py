@@ -29,8 +29,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from lora_core.devices import pick_device
 from lora_core.errors import InputError, is_int, positive_int_problem, short_repr
+from lora_core.simulate import rank_sweep_device
 
 Placement = Literal["input", "rank"]
 PLACEMENTS: dict[str, str] = {
@@ -224,7 +224,7 @@ def run_dropout_study(study: DropoutStudy = DEFAULT_STUDY, device: str | None = 
     import torch
 
     study = check_study(study)
-    device = pick_device(device)
+    device = rank_sweep_device(device)  # the losses are formed in float64, which MPS lacks
     streams = make_streams(study)
     shape = (len(study.rates), len(study.samples), study.seeds)  # the config axis, flattened: (P, N, S)
     configs = math.prod(shape)
