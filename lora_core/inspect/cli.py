@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from lora_core.errors import InputError
 from lora_core.inspect.loading import Adapter, open_adapter
 from lora_core.inspect.spectra import Inspection, energy_column, inspect_adapter
@@ -105,6 +107,8 @@ def _report(adapter: Adapter, inspection: Inspection) -> dict[str, Any]:
 
 def _json_default(value: Any) -> Any:
     """numpy scalars as plain numbers; NaN (a missing value) as null."""
+    if value is pd.NA:
+        return None
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):

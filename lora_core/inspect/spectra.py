@@ -293,4 +293,7 @@ def inspect_adapter(adapter: Adapter, energies: Sequence[float] = ENERGIES) -> I
                         **({"magnitude_norm": magnitude} if magnitude is not None else {}),
                     }
                 )
-    return Inspection(pd.DataFrame(rows), spectra, tuple(energies))
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["expert"] = frame["expert"].astype("Int64")  # an index for an expert, <NA> for the rest
+    return Inspection(frame, spectra, tuple(energies))
