@@ -43,11 +43,17 @@ def alpha_advice(settings: LoraSettings) -> str | None:
 
 
 def dropout_advice(r: int, dropout: float) -> str | None:
-    """The article's warning: dropout bites hardest on low ranks (expected active rank r(1-p))."""
+    """A note for a low rank with dropout, where the article's advice rests on its own formula.
+
+    The article reasons that dropout bites hardest on low ranks (only r(1-p) of r components active
+    per step), which holds for B Dropout(A x). PEFT drops the layer's input instead
+    (`lora_B(lora_A(dropout(x)))`), so all r components stay active; the Dropout page's study
+    measures what dropout does to held-out loss at each rank and data size."""
     active = r * (1 - dropout)
     if dropout > 0 and (r <= 4 or active < 4):
         return (
-            f"with r={r} and dropout {dropout:g}, only {active:.1f} of {r} rank components are active on average: "
-            "low ranks already regularise; consider dropout 0"
+            f"with r={r} and dropout {dropout:g}, the article counts only {active:.1f} of {r} rank components "
+            f"active and advises dropout 0, but PEFT drops input features (B A Dropout(x)): all {r} components "
+            "stay active. Whether dropout helps depends on your data size: see the dropout study on the Dropout page"
         )
     return None

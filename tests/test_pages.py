@@ -168,7 +168,7 @@ def test_memory_page_refuses_a_bad_setup_in_one_line_and_keeps_it() -> None:
 def test_dropout_page_warns_for_low_rank_with_dropout() -> None:
     at = open_page("dropout")
     at.slider(key="lx_r").set_value(4).run()
-    assert any("rank components are active" in w.value for w in at.warning)
+    assert any("PEFT drops input features" in w.value and "all 4 components" in w.value for w in at.warning)
 
 
 def test_search_page_grid_sizes_and_download() -> None:
