@@ -30,6 +30,7 @@ from lora_core.inspect import (
     inspect_adapter,
     open_adapter,
     plan_right_size,
+    rank_measures,
     subspace_similarity,
     write_right_sized,
 )
@@ -247,6 +248,15 @@ def test_dora_truncation_keeps_the_magnitudes_and_loads(tmp_path) -> None:
         before = lora_layers(model)[name].lora_magnitude_vector["default"].weight
         assert torch.equal(layer.lora_magnitude_vector["default"].weight, before), name
         assert layer.r["default"] < 8
+
+
+def test_rank_measures_closed_forms() -> None:
+    """Singular values (2, 1, 1): p = (1/2, 1/4, 1/4), entropy 1.5 ln 2, so the entropy rank is
+    2^1.5; the squared spectrum (4, 1, 1) / 6 reaches 80% at 2 components and 90% at 3."""
+    measures = rank_measures(np.array([2.0, 1.0, 1.0]), (0.8, 0.9))
+    assert measures["entropy_rank"] == pytest.approx(2**1.5, rel=1e-12)
+    assert (measures["rank_80"], measures["rank_90"]) == (2, 3)
+    assert measures["norm"] == pytest.approx(6**0.5) and measures["top_singular"] == 2
 
 
 def test_subspace_similarity_closed_forms() -> None:
