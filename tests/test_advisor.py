@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 from tiny_model import build_tiny_causal_lm
@@ -355,3 +356,37 @@ def test_the_verdict_reads_the_ranking_of_the_advised_config(losses, verdicts, s
     assert says in verify_verdict(16, 1e-3, ranking)
     assert "not finished" in verify_verdict(64, 1e-3, ranking)
     assert "No trial" in verify_verdict(16, 1e-3, ranking.iloc[0:0])
+
+
+@pytest.mark.parametrize("where", ["config", "tokenizer"])
+def test_a_folders_own_code_never_runs_even_when_stdin_says_yes(tmp_path, where) -> None:
+    """transformers asks on stdin before running a folder's `auto_map` code when trust_remote_code is
+    left at None; the engine passes False, so nothing asks and a piped "y" runs nothing."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nclass Thing: pass\n")
+    config = json.loads((Path(__file__).parent / "fixtures" / "meta-llama__Llama-3.2-3B.config.json").read_text())
+    if where == "config":
+        config.update(auto_map={"AutoConfig": "evil.Thing"}, model_type="evil")  # only the folder's code knows it
+    else:
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps({"auto_map": {"AutoTokenizer": ["evil.Thing", None]}, "tokenizer_class": "Thing"})
+        )
+    (folder / "config.json").write_text(json.dumps(config))
+    out = subprocess.run(
+        [sys.executable, "-m", "lora_core", "advise", "--model", str(folder), "--dataset", "reverse_list", "--json"],
+        input="y\ny\ny\n",
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert not marker.exists()
+    assert "custom code" not in out.stdout and "[y/N]" not in out.stdout
+    assert out.returncode in (0, 2) and "Traceback" not in out.stderr
+    if out.returncode == 0:
+        json.loads(out.stdout)

@@ -36,7 +36,9 @@ def load_tokenizer(model: str):
 
     path, _, local_only = causal_lm_config(model)
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        # False, not the default None: with None transformers asks on stdin whether to run a
+        # folder's own tokenizer code, and a "y" (or a piped answer) would run it
+        return AutoTokenizer.from_pretrained(path, local_files_only=local_only, trust_remote_code=False)
     except Exception as error:  # transformers raises many types for a missing or broken tokenizer
         raise TrainSetupError(f"model {model!r} has no loadable tokenizer: {str(error).splitlines()[0]}") from None
 

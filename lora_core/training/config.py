@@ -111,7 +111,7 @@ def causal_lm_config(name: str):
         raise TrainSetupError(f"model {name!r}: give a model folder (with config.json) or a Hub id")
     offline = not local and not hub_reachable()
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=local or offline)
+        config = AutoConfig.from_pretrained(path, local_files_only=local or offline, trust_remote_code=False)
     except Exception as error:  # transformers raises many types for a missing or broken config
         hint = " (the Hub is unreachable and it is not in the local cache)" if offline else ""
         raise TrainSetupError(f"model {name!r} could not be loaded{hint}: {one_line(error)}") from None
@@ -130,10 +130,12 @@ def load_model_and_tokenizer(name: str, device: str):
 
     path, _, local_only = causal_lm_config(name)
     try:
+        # trust_remote_code=False, not None: with None transformers asks on stdin whether to run a
+        # folder's own code, and a "y" would run it
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype(train_dtype(device)), local_files_only=local_only
+            path, dtype=torch_dtype(train_dtype(device)), local_files_only=local_only, trust_remote_code=False
         )
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only, trust_remote_code=False)
     except Exception as error:  # as above: any loading failure becomes the run's one-line reason
         raise TrainingError(f"model {name!r} could not be loaded ({one_line(error)})") from None
     if tokenizer.pad_token is None:
