@@ -170,10 +170,23 @@ def rows_to_examples(rows: list[dict], source: str) -> list[Example]:
             raise DatasetError(
                 f"{source} row {number}: empty, missing or non-text value; every row needs text in each column"
             )
+        if not (_encodable(prompt) and _encodable(completion)):  # JSON's "\ud800" decodes to a lone surrogate
+            raise DatasetError(
+                f"{source} row {number}: text that is not valid Unicode (a lone surrogate); fix its escapes"
+            )
         examples.append(Example(prompt, completion))
     if len(examples) < MIN_EXAMPLES:
         raise DatasetError(f"{source} has {len(examples)} rows; at least {MIN_EXAMPLES} are needed for train and eval")
     return examples
+
+
+def _encodable(text: str) -> bool:
+    """Whether a tokenizer can take `text`: str that UTF-8 can encode (a lone surrogate cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _instruction(row: dict) -> Any:

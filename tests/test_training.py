@@ -295,6 +295,12 @@ def test_two_store_handles_see_the_same_runs(tmp_path) -> None:
         (b"\xff\xfe\x00", "x.jsonl", "not UTF-8"),
         (b" " * 20_000_001, "x.jsonl", "capped"),
         (b'{"prompt": "a", "completion": ""}\n' * 10, "x.jsonl", "row 1: empty"),
+        (b'{"text": "\\ud800 x"}\n' * 10, "x.jsonl", "row 1: text that is not valid Unicode"),
+        (
+            b'{"prompt": "ok", "completion": "ok"}\n' * 9 + b'{"prompt": "\\udfff", "completion": "b"}\n',
+            "x.jsonl",
+            "row 10",
+        ),
     ],
 )
 def test_bad_uploads_are_refused_with_one_line(content: bytes, name: str, message: str) -> None:
