@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from lora_core.advisor import PRIORITIES, READS, TASKS, Advice, Case, advise, load_evidence, show
+from lora_core.advisor.measure import LONGEST_QUANTILE
 from lora_core.advisor.verify import verify_grid, verify_plan, verify_verdict
 from lora_core.datasets import BUILTIN_TASKS, parse_upload
 from lora_core.errors import InputError
@@ -22,6 +23,7 @@ from pages.common import (
     R_MAX,
     apply_settings,
     config_name,
+    display_name,
     file_upload,
     page_state,
     read_upload,
@@ -69,7 +71,7 @@ gpu = col2.number_input("GPU memory (GiB)", 1.0, 4096.0, 24.0, step=1.0, key="lx
 priority = col3.radio("What matters most", list(PRIORITIES), horizontal=True, key="lx_adv_priority")
 source = st.radio("Dataset", [NUMBERS, MEASURE_UPLOAD, MEASURE_BUILTIN], horizontal=True, key="lx_adv_source")
 col1, col2, col3 = st.columns(3)
-seq_len = None
+seq_len, share = None, None
 if source == NUMBERS:
     examples = col1.number_input("Training examples", 1, 10**10, 2000, key="lx_adv_examples")
     completion = col2.number_input("Mean completion tokens", 1.0, 1e6, 256.0, key="lx_adv_completion")
@@ -84,23 +86,23 @@ else:
             checked = read_upload("lx_adv_upload", upload)
             numbers = measured(checked.data, checked.name)
         except InputError as error:
-            st.error(f"Cannot measure {upload.name}: {error}")
+            st.error(f"Cannot measure {display_name(upload.name)}: {error}")
             st.stop()
     else:
         builtin = col1.selectbox("Built-in task", list(BUILTIN_TASKS), key="lx_adv_builtin")
         numbers = measured(None, builtin)
     examples, completion, prompt = numbers.examples, numbers.completion_tokens, numbers.prompt_tokens
-    seq_len = numbers.long_tokens
+    seq_len, share = numbers.long_tokens, LONGEST_QUANTILE
     st.caption(
         f"Measured {numbers.name}: {examples:,} examples, mean {prompt:.1f} prompt and {completion:.1f} completion "
-        f"tokens (the embedded model's tokenizer); 95% fit in {seq_len} tokens."
+        f"tokens (the embedded model's tokenizer); {LONGEST_QUANTILE:.0%} fit in {seq_len:,} tokens."
     )
 
 try:
     advice = cached_advice(
         state.spec.key,
         state.inventory,
-        (task, int(examples), float(completion), float(prompt), float(gpu), priority, seq_len),
+        (task, int(examples), float(completion), float(prompt), float(gpu), priority, seq_len, share),
     )
 except InputError as error:
     st.error(f"No advice: {error}")

@@ -390,3 +390,42 @@ def test_a_folders_own_code_never_runs_even_when_stdin_says_yes(tmp_path, where)
     assert out.returncode in (0, 2) and "Traceback" not in out.stderr
     if out.returncode == 0:
         json.loads(out.stdout)
+
+
+# --- found by a hostile test -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["meta-llama/Llama-2-7b-hf", "facebook/opt-1.3b", "openai-community/gpt2-medium"])
+@pytest.mark.parametrize("gpu", [8.0, 16.0, 24.0, 40.0])
+def test_micro_batch_times_accumulation_is_exactly_the_effective_batch(model, gpu) -> None:
+    advice = advise(
+        Case(model, examples=5000, completion_tokens=300.0, prompt_tokens=200.0, gpu_gib=gpu, priority="speed")
+    )
+    if advice.fits:
+        assert advice.training.effective_batch == EVIDENCE.number("app-batch", "effective_batch")
+
+
+def test_the_sequence_never_exceeds_the_models_context() -> None:
+    with pytest.raises(AdviceError, match="longer than openai-community/gpt2's context of 1,024"):
+        advise(Case("openai-community/gpt2", examples=10, seq_len=4096))
+    long = advise(Case("openai-community/gpt2", examples=10, completion_tokens=5000.0))
+    assert long.training.seq_len == 1024 and any("context" in warning for warning in long.warnings)
+    _check_provenance(long)
+
+
+def test_a_measured_sequence_length_says_so() -> None:
+    advice = advise(Case("openai-community/gpt2", examples=10, seq_len=83, seq_len_share=0.95))
+    assert "measured: 95% of the dataset's examples fit" in advice.choice("seq_len").rule
+    assert "as given" in advise(Case("openai-community/gpt2", examples=10, seq_len=83)).choice("seq_len").rule
+    _check_provenance(advice)
+
+
+def test_a_model_that_is_not_a_causal_lm_is_warned_about() -> None:
+    assert any("not a causal language model" in w for w in advise(Case("google-bert/bert-base-uncased")).warnings)
+    assert not advise(Case("openai-community/gpt2")).warnings
+
+
+def test_the_rank_never_exceeds_the_narrowest_adapted_layer() -> None:
+    advice = advise(Case("HuggingFaceTB/SmolLM2-135M", examples=10**8, completion_tokens=1000.0))
+    widths = advice.count.modules[["in_features", "out_features"]].min(axis=1)
+    assert advice.settings.r <= widths.min() < 256  # k_proj / v_proj are 192 wide

@@ -40,7 +40,8 @@ class Case:
     """What the user gives: the model (catalogue id, Hub id, folder, or an `Inventory`), the task
     kind (a key of TASKS), the dataset's size in examples and its mean completion (and prompt)
     tokens per example, the GPU's memory in GiB, and what matters most (a key of PRIORITIES).
-    `seq_len` overrides the sequence length derived from the token counts."""
+    `seq_len` overrides the sequence length derived from the token counts; `seq_len_share` says it was
+    measured as the length that share of the examples fit in."""
 
     model: str | Inventory
     task: str = "sft"
@@ -50,6 +51,7 @@ class Case:
     gpu_gib: float = 24.0
     priority: str = "quality"
     seq_len: int | None = None
+    seq_len_share: float | None = None  # when seq_len was measured: the share of examples that fit in it
 
     def problems(self) -> list[str]:
         found = []
@@ -267,7 +269,7 @@ def advise(case: Case, evidence: Evidence | None = None) -> Advice:
     rslora = _rslora(settings, book)
     dropout, settings = _dropout(settings, case, params_b, book)
     lr_choice, lr = _learning_rate(inv, params_b, case, book)
-    seq_len, seq_choice = _seq_len(case, book)
+    seq_len, seq_choice = _seq_len(inv, case, book, warnings)
     epochs_choice, epochs = _epochs(case, book)
     fit_choice, setup, micro, fits = _fit(inv, settings, seq_len, case, book)
     effective = int(book.claim_value("app-batch", "effective_batch"))
@@ -285,6 +287,11 @@ def advise(case: Case, evidence: Evidence | None = None) -> Advice:
         )
         for c in decided
     )
+    if not _causal_lm(inv):
+        warnings.append(
+            f"{inv.spec.model_id} is not a causal language model ({inv.model_class}): the evidence here was measured "
+            "on decoder LMs fine-tuned to generate, and Verify can only train causal LMs."
+        )
     if case.task == "domain":
         warnings.append(
             "Continued pretraining is where LoRA falls furthest behind full fine-tuning (bid-underperform): "
@@ -346,6 +353,9 @@ def _targets(inv: Inventory, case: Case, book: _Ledger) -> tuple[Choice, LoraSet
 
 def _rank(inv: Inventory, settings: LoraSettings, case: Case, book: _Ledger, warnings: list[str]) -> tuple[Choice, int]:
     ladder = [int(r) for r in book.claim_list("app-rank-ladder", "ladder")]
+    # a rank above a layer's narrower side adds parameters but no capacity to that layer
+    narrowest = _narrowest_adapted(inv, settings)
+    ladder = [r for r in ladder if r <= narrowest] or ladder[:1]
     tokens = case.examples * case.completion_tokens
     per_token = book.claim_value("tm-capacity", "params_per_completion_token")
     counts = {r: count_lora_params(inv, settings.replace(r=r)).trainable_params for r in ladder}
@@ -397,6 +407,13 @@ def _rank(inv: Inventory, settings: LoraSettings, case: Case, book: _Ledger, war
     )
     claims += ("article-scenarios", "article-rank-bands")
     return Choice("r", str(r), rule, claims, (), tuple(alternatives), article), r
+
+
+def _narrowest_adapted(inv: Inventory, settings: LoraSettings) -> int:
+    """The smallest min(in, out) over the modules `settings` adapts (the rank no layer exceeds)."""
+    modules = count_lora_params(inv, settings.replace(r=1)).modules
+    widths = modules[["in_features", "out_features"]].min(axis=1) if len(modules) else []
+    return int(min(widths)) if len(widths) else 1
 
 
 # The article's scenario (its get_lora_config) closest to each task; preference tuning has none.
@@ -542,19 +559,55 @@ def _nearest_row(claim: Claim, inv: Inventory, params_b: float) -> tuple[dict[st
     return min(same_kind, key=lambda row: (abs(math.log(row["params_b"] / max(params_b, 1e-3))), row["model"])), False
 
 
-def _seq_len(case: Case, book: _Ledger) -> tuple[int, Choice]:
+def _seq_len(inv: Inventory, case: Case, book: _Ledger, warnings: list[str]) -> tuple[int, Choice]:
+    context = context_length(inv)
     if case.seq_len is not None:
+        if context is not None and case.seq_len > context:
+            raise AdviceError(
+                f"`seq_len` {case.seq_len:,} is longer than {inv.spec.model_id}'s context of {context:,} tokens"
+            )
         text = book.given(case.seq_len, "seq_len")
-        return case.seq_len, Choice("seq_len", text, f"{text} tokens, as given.", ("app-batch",), (), ())
+        how = "as given"
+        if case.seq_len_share is not None:
+            share = book.engine(100 * case.seq_len_share, "percent of examples that fit")
+            how = f"measured: {share}% of the dataset's examples fit in it, the rest are truncated"
+        return case.seq_len, Choice("seq_len", text, f"{text} tokens, {how}.", ("app-batch",), (), ())
     tokens = case.prompt_tokens + case.completion_tokens
     seq_len = min(MAX_SEQ_LEN, SEQ_ROUNDING * math.ceil(tokens / SEQ_ROUNDING))
-    text = book.engine(seq_len, "prompt + completion tokens, padded to a multiple of 64")
+    if context is not None and seq_len > context:
+        seq_len = context
+        warnings.append(f"Examples average more tokens than {inv.spec.model_id}'s context: runs truncate them to it.")
+    text = book.engine(seq_len, "prompt + completion tokens, padded to a multiple of 64, within the context")
     rule = (
         f"{text}: the mean prompt ({book.given(case.prompt_tokens, 'prompt_tokens')}) and completion "
         f"({book.given(case.completion_tokens, 'completion_tokens')}) tokens, padded up to a multiple of "
-        f"{book.engine(SEQ_ROUNDING, 'padding multiple')}; give the longest examples' length if they vary a lot."
+        f"{book.engine(SEQ_ROUNDING, 'padding multiple')}"
+        + (f", cut to the model's context of {book.engine(context, 'context length')}" if seq_len == context else "")
+        + "; give the longest examples' length if they vary a lot."
     )
     return seq_len, Choice("seq_len", text, rule, ("app-batch",), (), ())
+
+
+def _causal_lm(inv: Inventory) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    # the training code's rule: a causal model type, and architectures (when named) that generate
+    architectures = inv.spec.config.get("architectures") or []
+    generates = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    return inv.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (generates or not architectures)
+
+
+def context_length(inv: Inventory) -> int | None:
+    """The model's longest sequence (max_position_embeddings, n_positions or n_ctx), None when its
+    config names none (relative positions, as in T5)."""
+    config = inv.spec.config
+    nested = config.get("text_config")
+    text: dict[str, Any] = nested if isinstance(nested, dict) else config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = text.get(key, config.get(key))
+        if is_int(value) and value > 0:
+            return int(value)
+    return None
 
 
 def _epochs(case: Case, book: _Ledger) -> tuple[Choice, int]:
@@ -593,7 +646,9 @@ def _fit(
         if case.priority == "memory":
             micro = 1 if estimate_memory(inv, settings, setup, count).fits(case.gpu_gib) else 0
         else:
-            micro = largest_fitting(inv, settings, setup, case.gpu_gib, "batch_size", effective, count)
+            fitting = largest_fitting(inv, settings, setup, case.gpu_gib, "batch_size", effective, count)
+            # a divisor of the effective batch, so micro-batch x accumulation is exactly it
+            micro = max((d for d in range(1, fitting + 1) if effective % d == 0), default=0)
         if micro:
             setup = replace(setup, batch_size=micro)
             need = estimate_memory(inv, settings, setup, count).required_bytes / GIB

@@ -7,6 +7,7 @@ import json
 
 from lora_core.advisor.advise import PRIORITIES, Advice, Case, advise, show
 from lora_core.advisor.evidence import READS, TASKS, load_evidence
+from lora_core.advisor.measure import LONGEST_QUANTILE
 from lora_core.errors import InputError
 from lora_core.memory import GIB
 
@@ -39,12 +40,14 @@ def add_advise_parser(commands, parser_class: type[argparse.ArgumentParser]) -> 
 
 def cmd_advise(args: argparse.Namespace) -> int:
     examples, completion, prompt, seq_len = args.examples, args.completion_tokens, args.prompt_tokens, args.seq_len
+    share = None
     if args.dataset is not None:
         if examples is not None or completion is not None or prompt is not None:
             raise AdviseInputError("give --dataset or --examples/--completion-tokens/--prompt-tokens, not both")
         measured = _measure(args.dataset, args.model)
         examples, completion, prompt = measured.examples, measured.completion_tokens, measured.prompt_tokens
-        seq_len = seq_len if seq_len is not None else measured.long_tokens
+        if seq_len is None:
+            seq_len, share = measured.long_tokens, LONGEST_QUANTILE
     elif examples is None or completion is None:
         raise AdviseInputError("give --examples N and --completion-tokens T (or --dataset to measure a file)")
     case = Case(
@@ -56,6 +59,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
         args.gpu_gb,
         args.priority,
         seq_len,
+        share,
     )
     advice = advise(case)
     print(json.dumps(advice.to_json(), indent=2) if args.json else "\n".join(advice_lines(advice)))
