@@ -157,6 +157,34 @@ def test_bad_input_is_one_line_and_keeps_the_adapter_shown(page: AppTest, plante
     assert chart(page, "lx_inspect_heatmap")["data"][0]["x"] == ["q_proj", "v_proj"]  # still the planted one
 
 
+HOSTILE = [
+    "\x00",
+    "x" * 10_000,
+    "/proc/self/environ",
+    "/bin/ls",
+    "/proc",
+    "\u202eevil\u202c \U0001f916",
+    "",
+    "   \t ",
+    "[]",
+    "[" * 5_000,
+]
+
+
+def test_hostile_text_in_either_field_is_one_line(page: AppTest, planted: Path) -> None:
+    load_folder(page, planted)  # the compare field shows once an adapter is loaded
+    sources = ["Folder or zip on the server", "Hub id"]
+    for prefix, button in (("lx_inspect", "lx_inspect_go"), ("lx_inspect_other", "lx_inspect_compare")):
+        page.radio(key=f"{prefix}_source").set_value(sources[0]).run()  # shows the text field both sources share
+        for index, value in enumerate(HOSTILE):
+            page.radio(key=f"{prefix}_source").set_value(sources[index % 2])
+            page.text_input(key=f"{prefix}_text").set_value(value)
+            page.button(key=button).click().run()
+            assert not page.exception, (value[:40], page.exception)
+            errors = [e.value for e in page.error]
+            assert len(errors) == 1 and "\n" not in errors[0] and len(errors[0]) < 400, (value[:40], errors)
+
+
 def test_a_file_that_is_not_an_adapter_is_one_line(page: AppTest, tmp_path: Path) -> None:
     junk = tmp_path / "junk.zip"
     junk.write_bytes(os.urandom(400))
