@@ -65,17 +65,33 @@ def cached_advice(spec_key: str, _inventory, case_fields: tuple) -> Advice:
     return advise(Case(_inventory, *case_fields))
 
 
+# The form's values outlive its widgets: Streamlit forgets a widget's value when a run does not draw
+# it (another page, the numbers hidden while a file is measured); the copy here brings it back.
+FORM_DEFAULTS = {
+    "lx_adv_task": "sft",
+    "lx_adv_gpu": 24.0,
+    "lx_adv_priority": "quality",
+    "lx_adv_source": NUMBERS,
+    "lx_adv_examples": 2000,
+    "lx_adv_completion": 256.0,
+    "lx_adv_prompt": 0.0,
+    "lx_adv_builtin": next(iter(BUILTIN_TASKS)),
+}
+kept = st.session_state.setdefault("lx_adv_kept", dict(FORM_DEFAULTS))
+for key, value in kept.items():
+    st.session_state.setdefault(key, value)
+
 col1, col2, col3 = st.columns(3)
 task = col1.selectbox("Task", list(TASKS), format_func=TASKS.get, key="lx_adv_task")
-gpu = col2.number_input("GPU memory (GiB)", 1.0, 4096.0, 24.0, step=1.0, key="lx_adv_gpu", help=f"common: {GPUS_GIB}")
+gpu = col2.number_input("GPU memory (GiB)", 1.0, 4096.0, step=1.0, key="lx_adv_gpu", help=f"common: {GPUS_GIB}")
 priority = col3.radio("What matters most", list(PRIORITIES), horizontal=True, key="lx_adv_priority")
 source = st.radio("Dataset", [NUMBERS, MEASURE_UPLOAD, MEASURE_BUILTIN], horizontal=True, key="lx_adv_source")
 col1, col2, col3 = st.columns(3)
 seq_len, share = None, None
 if source == NUMBERS:
-    examples = col1.number_input("Training examples", 1, 10**10, 2000, key="lx_adv_examples")
-    completion = col2.number_input("Mean completion tokens", 1.0, 1e6, 256.0, key="lx_adv_completion")
-    prompt = col3.number_input("Mean prompt tokens", 0.0, 1e6, 0.0, key="lx_adv_prompt")
+    examples = col1.number_input("Training examples", 1, 10**10, key="lx_adv_examples")
+    completion = col2.number_input("Mean completion tokens", 1.0, 1e6, key="lx_adv_completion")
+    prompt = col3.number_input("Mean prompt tokens", 0.0, 1e6, key="lx_adv_prompt")
 else:
     if source == MEASURE_UPLOAD:
         upload = file_upload("JSONL or CSV", "lx_adv_upload")
@@ -98,6 +114,7 @@ else:
         f"tokens (the embedded model's tokenizer); {LONGEST_QUANTILE:.0%} fit in {seq_len:,} tokens."
     )
 
+kept.update({key: st.session_state[key] for key in FORM_DEFAULTS if key in st.session_state})
 try:
     advice = cached_advice(
         state.spec.key,
@@ -176,6 +193,12 @@ col3.download_button(
     key="lx_adv_export_json",
 )
 
+
+def _unfinished(experiment_id: int) -> bool:
+    experiment = run_manager().store.experiment(experiment_id)
+    return experiment is not None and experiment["status"] in ("queued", "running")
+
+
 st.subheader("Verify: train the advice and its neighbours")
 grid = verify_grid(advice)
 runs = len(grid[0].split(",")) * len(grid[1].split(","))
@@ -188,7 +211,11 @@ with st.form("lx_adv_verify_form"):
     steps = col3.number_input("Steps per run", 1, 2000, 30, key="lx_adv_steps")
     batch = col4.select_slider("Batch size", [1, 2, 4, 8], value=4, key="lx_adv_batch")
     verify = st.form_submit_button("Verify", type="primary", key="lx_adv_verify")
-if verify:
+verifying = st.session_state.get("lx_adv_verifying")
+asked = (model_source, model_text.strip(), dataset, int(steps), int(batch), settings.r, training.learning_rate)
+if verify and verifying and verifying[3] == asked and _unfinished(verifying[0]):
+    st.warning(f"This is already being verified as experiment {verifying[0]}: see below.")
+elif verify:
     try:
         model_choice = training_model(model_source, model_text)
         from lora_core.models import as_inventory
@@ -203,12 +230,12 @@ if verify:
     except InputError as error:
         st.error(f"Not started: {error}")
     else:
-        st.session_state["lx_adv_verifying"] = (experiment_id, advice.settings.r, advice.training.learning_rate)
+        st.session_state["lx_adv_verifying"] = (experiment_id, advice.settings.r, advice.training.learning_rate, asked)
         st.success(f"Experiment {experiment_id} queued ({len(plan.trials)} runs): follow it here or on Experiments.")
 
 verifying = st.session_state.get("lx_adv_verifying")
 if verifying:
-    experiment_id, r, lr = verifying
+    experiment_id, r, lr, _ = verifying
 
     @st.fragment(run_every=3)
     def verification() -> None:
@@ -217,8 +244,13 @@ if verifying:
         if experiment is None:
             st.info(f"Experiment {experiment_id} was deleted.")
             return
-        ranking = ranked(results(store, experiment_id))
+        trials = results(store, experiment_id)
+        ranking = ranked(trials)
         st.write(f"Experiment {experiment_id}: **{experiment['status']}**")
+        errors = [error for error in trials.get("error", []) if isinstance(error, str) and error]
+        if ranking.empty and errors:
+            st.error(f"Its trials failed: {errors[0]}")
+            return
         if (r, lr) != (advice.settings.r, advice.training.learning_rate):
             st.caption(f"It verified r={r}, lr={show(lr)}: the advice has changed since.")
         st.write(verify_verdict(r, lr, ranking))

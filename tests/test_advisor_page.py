@@ -124,3 +124,35 @@ def test_verify_queues_the_advice_and_its_neighbours(page: AppTest, data_dir: Pa
         t["values"]["r"] == advice.settings.r and t["values"]["lr"] == advice.training.learning_rate for t in trials
     )
     store.cancel_experiment(int(experiment["id"]))  # the worker need not train them here
+
+
+def test_the_form_keeps_its_values_across_the_dataset_switch_and_other_pages(page: AppTest) -> None:
+    page.number_input(key="lx_adv_examples").set_value(12345).run()
+    page.number_input(key="lx_adv_completion").set_value(77.0).run()
+    page.number_input(key="lx_adv_gpu").set_value(80.0).run()
+    page.radio(key="lx_adv_priority").set_value("speed").run()
+    page.radio(key="lx_adv_source").set_value("Measure a built-in task").run()
+    page.radio(key="lx_adv_source").set_value("Numbers").run()
+    page.switch_page("pages/overview.py").run()
+    page.switch_page("pages/advisor.py").run()
+    assert not page.exception, page.exception
+    assert page.number_input(key="lx_adv_examples").value == 12345
+    assert page.number_input(key="lx_adv_completion").value == 77.0
+    assert page.number_input(key="lx_adv_gpu").value == 80.0
+    assert page.radio(key="lx_adv_priority").value == "speed"
+    expected = advise(Case(model_of(page), "sft", 12345, 77.0, 0.0, 80.0, "speed"))
+    assert metrics(page)["Trainable parameters (exact)"] == f"{expected.count.trainable_params:,}"
+
+
+def test_verify_twice_queues_once_and_failed_trials_say_why(page: AppTest, data_dir: Path) -> None:
+    page.number_input(key="lx_adv_steps").set_value(2)
+    page.button(key="lx_adv_verify").click().run()
+    page.button(key="lx_adv_verify").click().run()
+    assert not page.exception, page.exception
+    assert any("already being verified as experiment 1" in w.value for w in page.warning)
+    store = Store.open(data_dir)
+    assert len(store.experiments()) == 1
+    for run_id in store.experiment_runs(1)["id"]:
+        store.update_run(int(run_id), status="failed", error="model could not be loaded (no weights)")
+    page.run()
+    assert any("Its trials failed: model could not be loaded" in e.value for e in page.error)
