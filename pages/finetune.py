@@ -315,6 +315,9 @@ if run["status"] in ("completed", "cancelled") and run.get("adapter_dir"):
                 "holding 90% of the update's energy."
             )
             st.dataframe(summary, hide_index=True, key="lx_effective_rank_table")
+            st.caption(
+                f"The Inspect page shows this adapter (run {selected}) as a heatmap, right-sizes and compares it."
+            )
             spectrum = go.Figure()
             for module, group in list(spectra.groupby("module"))[:12]:
                 spectrum.add_trace(
