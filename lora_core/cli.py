@@ -27,10 +27,13 @@ EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
 EXIT_INTERRUPTED = 130  # the shell's own code for a process ended by Ctrl-C
 _MAX_LORA_FILE_BYTES = 1_000_000
+_MAX_ERROR_CHARS = 300
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, not usage + message
+        if len(message) > _MAX_ERROR_CHARS:  # argparse echoes the value: a 5,000-digit number stays readable
+            message = message[: _MAX_ERROR_CHARS - 3] + "..."
         raise _BadInput(f"{self.prog}: {message}")
 
 

@@ -86,15 +86,16 @@ def advice_lines(advice: Advice) -> list[str]:
     need = advice.estimate.required_bytes / GIB
     share = 100 * advice.count.trainable_params / max(advice.count.all_params, 1)
     lines = [
-        f"{advice.model_id}: {TASKS[case.task]}, {show(case.examples)} examples x {show(case.completion_tokens)} "
+        f"{advice.model_id}: {TASKS[case.task]}, {_count(case.examples, 'example')} x {show(case.completion_tokens)} "
         f"completion tokens, {show(case.gpu_gib)} GiB GPU, {case.priority} first",
         f"LoRA:     {advice.choice('targets').value}, r={settings.r}, alpha={show(settings.lora_alpha)}, "
         f"rsLoRA {'on' if settings.use_rslora else 'off'}, dropout {show(settings.lora_dropout)}: "
         f"{advice.count.trainable_params:,} trainable of {advice.count.all_params:,} ({share:.2f}%)",
-        f"Training: lr {show(training.learning_rate)}, {training.epochs} epoch(s), micro-batch {training.micro_batch} x "
-        f"{training.grad_accumulation} = {training.effective_batch}, {training.seq_len} tokens, {training.steps:,} steps",
+        f"Training: lr {show(training.learning_rate)}, {_count(training.epochs, 'epoch')}, micro-batch "
+        f"{training.micro_batch} x {training.grad_accumulation} = {training.effective_batch}, "
+        f"{training.seq_len:,} tokens, {_count(training.steps, 'step')}",
         f"Memory:   {'fits' if advice.fits else 'DOES NOT FIT'}: {need:.1f} GiB estimated "
-        f"({advice.choice('memory').value}) on {show(case.gpu_gib)} GiB",
+        f"({_setup(advice)}) on {show(case.gpu_gib)} GiB",
         "",
     ]
     for choice in advice.choices:
@@ -112,3 +113,15 @@ def advice_lines(advice: Advice) -> list[str]:
         claim = evidence[claim_id]
         lines.append(f"  {claim_id}: {claim.source} ({claim.ref}); {READS[claim.read]}")
     return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _setup(advice: Advice) -> str:
+    setup = advice.setup
+    parts = ["QLoRA (NF4)" if setup.quantization == "nf4" else setup.dtype]
+    if setup.gradient_checkpointing:
+        parts.append("gradient checkpointing")
+    return ", ".join([*parts, f"micro-batch {setup.batch_size}"])
