@@ -100,6 +100,10 @@ def _check_provenance(advice: Advice) -> None:
             claim_id, model, key = rest.rsplit(":", 2)
             row = next(row for row in EVIDENCE[claim_id].lr_by_model if row["model"] == model)
             assert figure.value == row[key], figure
+        elif kind == "cell":
+            claim_id, rank, samples, key = rest.split(":")
+            cell = next(c for c in EVIDENCE[claim_id].cells if (c["rank"], c["samples"]) == (int(rank), int(samples)))
+            assert figure.value == cell[key], figure
         elif kind == "scope":
             claim_id, key = rest.split(":")
             assert figure.value in EVIDENCE[claim_id].scope[key], figure
@@ -429,3 +433,38 @@ def test_the_rank_never_exceeds_the_narrowest_adapted_layer() -> None:
     advice = advise(Case("HuggingFaceTB/SmolLM2-135M", examples=10**8, completion_tokens=1000.0))
     widths = advice.count.modules[["in_features", "out_features"]].min(axis=1)
     assert advice.settings.r <= widths.min() < 256  # k_proj / v_proj are 192 wide
+
+
+# --- the app's own evidence: the dropout study ---------------------------------------------------------
+
+
+def test_the_dropout_studys_cells_in_the_file_are_what_the_study_computes() -> None:
+    """The file holds the Dropout page's default study as numbers; recomputed on this CPU it must
+    agree: the study is seeded and was bit-identical across runs and thread counts, and its closest
+    decisions (best rate, `clear`) sit more than 1e-4 relative from flipping."""
+    from lora_core.dropout_study import study_summary
+
+    summary = study_summary()
+    study = EVIDENCE["app-dropout-study"]
+    assert EVIDENCE.number("app-dropout-study", "d") == summary["study"]["d"]
+    assert list(EVIDENCE.number("app-dropout-study", "ranks")) == summary["study"]["ranks"]
+    assert list(EVIDENCE.number("app-dropout-study", "samples")) == summary["study"]["samples"]
+    assert len(study.cells) == len(summary["cells"])
+    for stored, computed in zip(study.cells, summary["cells"], strict=True):
+        for key in ("rank", "samples", "best_rate", "wins", "clear"):
+            assert stored[key] == computed[key], (key, stored, computed)
+        for key in ("loss_at_0", "loss_at_best", "gain", "seed_spread"):
+            assert stored[key] == pytest.approx(computed[key], rel=1e-3, abs=1e-6), (key, stored, computed)
+
+
+def test_dropout_follows_the_studys_regime() -> None:
+    """Few completion tokens per trainable parameter (the capacity rule's small datasets) is the
+    study's regime where dropout helped; many tokens per parameter is where it did not."""
+    few = advise(Case("meta-llama/Llama-2-7b-hf", examples=500, completion_tokens=100.0, priority="speed"))
+    assert few.settings.lora_dropout > 0 and "gained from dropout beyond seed noise" in few.choice("lora_dropout").rule
+    many = advise(Case("openai-community/gpt2", examples=10**9, completion_tokens=500.0))
+    assert many.settings.lora_dropout == 0 and "train without dropout" in many.choice("lora_dropout").rule
+    moe = advise(Case("mistralai/Mixtral-8x7B-v0.1", examples=500, completion_tokens=100.0))
+    assert moe.settings.lora_dropout == 0 and "PEFT refuses dropout" in moe.choice("lora_dropout").rule
+    for advice in (few, many, moe):
+        _check_provenance(advice)

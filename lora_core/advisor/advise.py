@@ -20,7 +20,7 @@ from lora_core.counting import CountResult, count_lora_params
 from lora_core.errors import InputError, is_int, short_repr
 from lora_core.memory import GIB, GPUS_GIB, MAX_SEQ_LEN, MemoryEstimate, TrainSetup, estimate_memory, largest_fitting
 from lora_core.models import Inventory, as_inventory
-from lora_core.settings import LoraSettings
+from lora_core.settings import LoraSettings, LoraSettingsError
 from lora_core.strategies import STRATEGIES, StrategyError, resolve_strategy
 
 PRIORITIES = {"quality": "the best result", "speed": "the shortest run", "memory": "the smallest GPU footprint"}
@@ -237,6 +237,14 @@ class _Ledger:
         assert value in self.claim_list(claim_id, key)
         return self._add(value, f"claim:{claim_id}:{key}")
 
+    def claim_value_listed(self, claim_id: str, key: str, value: float) -> float:
+        assert value in self.claim_list(claim_id, key)
+        return value
+
+    def cell(self, claim_id: str, cell: dict[str, Any], key: str) -> str:
+        """A number of one cell of a claim's `cells` table."""
+        return self._add(cell[key], f"cell:{claim_id}:{cell['rank']}:{cell['samples']}:{key}")
+
     def table(self, claim_id: str, row: dict[str, Any], key: str) -> str:
         return self._add(row[key], f"table:{claim_id}:{row['model']}:{key}")
 
@@ -267,7 +275,8 @@ def advise(case: Case, evidence: Evidence | None = None) -> Advice:
     settings = settings.replace(r=r)
     alpha, settings = _alpha(settings, case, book)
     rslora = _rslora(settings, book)
-    dropout, settings = _dropout(settings, case, params_b, book)
+    trainable = count_lora_params(inv, settings).trainable_params
+    dropout, settings = _dropout(inv, settings, case, params_b, trainable, book)
     lr_choice, lr = _learning_rate(inv, params_b, case, book)
     seq_len, seq_choice = _seq_len(inv, case, book, warnings)
     epochs_choice, epochs = _epochs(case, book)
@@ -409,6 +418,15 @@ def _rank(inv: Inventory, settings: LoraSettings, case: Case, book: _Ledger, war
     return Choice("r", str(r), rule, claims, (), tuple(alternatives), article), r
 
 
+def _refuses_dropout(inv: Inventory, settings: LoraSettings) -> bool:
+    """Whether PEFT refuses these settings' dropout (it does on fused MoE expert parameters)."""
+    try:
+        count_lora_params(inv, settings)
+    except LoraSettingsError:
+        return True
+    return False
+
+
 def _narrowest_adapted(inv: Inventory, settings: LoraSettings) -> int:
     """The smallest min(in, out) over the modules `settings` adapts (the rank no layer exceeds)."""
     modules = count_lora_params(inv, settings.replace(r=1)).modules
@@ -456,26 +474,75 @@ def _rslora(settings: LoraSettings, book: _Ledger) -> Choice:
     return Choice("use_rslora", "off", rule, ("tm-lr-table", "rslora"), (), alternatives)
 
 
-def _dropout(settings: LoraSettings, case: Case, params_b: float, book: _Ledger) -> tuple[Choice, LoraSettings]:
-    rule = (
-        f"{book.claim('no-dropout-benchmarks', 'dropout')}: the measured setups (PEFT's benchmark, Tinker) train "
-        "without dropout, and no source measured dropout against dataset size."
+def _dropout(
+    inv: Inventory, settings: LoraSettings, case: Case, params_b: float, trainable: int, book: _Ledger
+) -> tuple[Choice, LoraSettings]:
+    """Dropout where this app's study found it helps: the study's cells nearest to the case in target
+    values per trainable parameter (completion tokens here; a regression's outputs there) decide; the
+    rate is QLoRA's for the nearest model size, the only rates measured on LLMs."""
+    study = book.evidence["app-dropout-study"]
+    d = book.claim_value("app-dropout-study", "d")
+    ratio = case.examples * case.completion_tokens / max(trainable, 1)
+
+    def cell_ratio(cell: dict[str, Any]) -> float:  # n samples x d outputs over r x (d + d) parameters
+        return cell["samples"] * d / (cell["rank"] * 2 * d)
+
+    distance = {id(c): abs(math.log(cell_ratio(c) / max(ratio, 1e-12))) for c in study.cells}
+    nearest = [c for c in study.cells if distance[id(c)] == min(distance.values())]
+    clear = [c for c in nearest if c["clear"]]
+    top = max(nearest, key=lambda c: c["gain"])
+    ours = book.engine(ratio, "completion tokens per trainable parameter", _ratio(ratio))
+    theirs = book.engine(cell_ratio(nearest[0]), "study cell: targets per parameter", _ratio(cell_ratio(nearest[0])))
+    cells = ", ".join(f"r={book.cell(study.id, c, 'rank')} n={book.cell(study.id, c, 'samples')}" for c in nearest)
+    gain = book.engine(100 * top["gain"], "largest gain in percent", f"{100 * top['gain']:.3g}")
+    size, qlora = _qlora_row(params_b, book, "dropout_by_size")
+    benchmarks = Alternative(
+        book.claim("no-dropout-benchmarks", "dropout"),
+        "what PEFT's benchmark and Tinker train with (no comparison with other rates)",
+        ("no-dropout-benchmarks",),
     )
-    alternatives = (
-        Alternative(
-            _qlora_row(params_b, book, "dropout_by_size")[1],
-            f"QLoRA's released script for the {_qlora_row(params_b, book, 'dropout_by_size')[0]}B model, the "
-            "nearest size it trained; one dataset, no comparison with other rates",
-            ("qlora-scripts",),
-        ),
+    situation = (
+        f"this case has {ours} completion tokens per trainable parameter; in this app's dropout study the nearest "
+        f"regime ({theirs} target values per parameter: {cells}) gained from dropout beyond seed noise in "
+        f"{book.engine(len(clear), 'clear cells')} of {book.engine(len(nearest), 'nearest cells')} cells "
+        f"(by up to {gain}%)"
     )
+    helps = len(clear) * 2 > len(nearest)
+    alternatives: tuple[Alternative, ...]
+    if helps and _refuses_dropout(inv, settings.replace(lora_dropout=float(qlora))):
+        dropout = book.claim_value("no-dropout-benchmarks", "dropout")
+        rule = (
+            f"{book.claim('no-dropout-benchmarks', 'dropout')}: PEFT refuses dropout on the fused expert parameters "
+            f"this config adapts, although {situation}."
+        )
+        alternatives = ()
+    elif helps:
+        dropout = book.claim_value_listed("qlora-scripts", "dropout_by_size", float(qlora))
+        low = book.cell(study.id, min(clear, key=lambda c: c["best_rate"]), "best_rate")
+        high = book.cell(study.id, max(clear, key=lambda c: c["best_rate"]), "best_rate")
+        rates = f"{low}" if low == high else f"{low} to {high}"
+        rule = (
+            f"{qlora}: {situation}; the rate is QLoRA's for the {size}B model, the nearest size it trained "
+            f"(the study's best rate there: {rates})."
+        )
+        alternatives = (benchmarks,)
+    else:
+        dropout = book.claim_value("no-dropout-benchmarks", "dropout")
+        rule = (
+            f"{book.claim('no-dropout-benchmarks', 'dropout')}: {situation}, and the measured LLM setups (PEFT's "
+            "benchmark, Tinker) train without dropout."
+        )
+        alternatives = (
+            Alternative(
+                qlora, f"QLoRA's released script for the {size}B model, the nearest size it trained", ("qlora-scripts",)
+            ),
+        )
     article = (
         f"{book.claim('article-scenarios', _SCENARIO[case.task] + '_dropout')} in its scenario for this task, and "
         f"{book.claim('article-dropout', 'low')}-{book.claim('article-dropout', 'high')} for small datasets, without "
         "an experiment; its formula drops A x, while PEFT drops the layer's input x."
     )
-    dropout = book.claim_value("no-dropout-benchmarks", "dropout")
-    claims = ("no-dropout-benchmarks", "article-dropout", "article-scenarios")
+    claims = ("app-dropout-study", "qlora-scripts", "no-dropout-benchmarks", "article-dropout", "article-scenarios")
     choice = Choice("lora_dropout", show(dropout), rule, claims, (), alternatives, article)
     return choice, settings.replace(lora_dropout=dropout)
 
@@ -747,7 +814,9 @@ def _distances(claims: Iterable[str], book: _Ledger, case: Case, params_b: float
 
 
 def _ratio(factor: float) -> str:
-    return f"{factor:.3g}" if factor < 100 else f"{round(factor):,}"
+    if factor >= 100:
+        return f"{round(factor):,}"
+    return show(factor) if factor < 0.01 else f"{factor:.3g}"
 
 
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?(?:e-?\d+)?")

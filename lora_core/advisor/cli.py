@@ -121,7 +121,7 @@ def _count(n: int, noun: str) -> str:
 
 def _setup(advice: Advice) -> str:
     setup = advice.setup
-    parts = ["QLoRA (NF4)" if setup.quantization == "nf4" else setup.dtype]
+    parts: list[str] = ["QLoRA (NF4)" if setup.quantization == "nf4" else setup.dtype]
     if setup.gradient_checkpointing:
         parts.append("gradient checkpointing")
     return ", ".join([*parts, f"micro-batch {setup.batch_size}"])

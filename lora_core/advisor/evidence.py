@@ -43,7 +43,8 @@ class EvidenceError(InputError):
 class Claim:
     """One claim: `says` in a sentence, `read` (a key of READS), its source and stable `ref`,
     the `conditions` it was measured under (in words, and as numbers in `scope`), and `numbers`.
-    `lr_by_model` is the one table a claim may carry (the cookbook's learning rates)."""
+    A claim may carry a table: `lr_by_model` (the cookbook's learning rates) or `cells` (this app's
+    dropout study, one row per (rank, samples))."""
 
     id: str
     says: str
@@ -54,6 +55,7 @@ class Claim:
     scope: dict[str, Any]
     numbers: dict[str, Number]
     lr_by_model: tuple[dict[str, Any], ...] = ()
+    cells: tuple[dict[str, Any], ...] = ()
 
     def number(self, key: str) -> Number:
         if key not in self.numbers:
@@ -77,7 +79,7 @@ class Evidence:
         for claim in self.claims.values():
             for value in claim.numbers.values():
                 found.update(value if isinstance(value, tuple) else (value,))
-            for row in claim.lr_by_model:
+            for row in (*claim.lr_by_model, *claim.cells):
                 found.update(v for v in row.values() if isinstance(v, int | float) and not isinstance(v, bool))
         return {float(v) for v in found}
 
@@ -127,8 +129,12 @@ def _claim(raw: dict[str, Any], index: int) -> Claim:
     for row in table:
         if not (isinstance(row.get("model"), str) and _finite(row.get("lr")) and _finite(row.get("params_b"))):
             raise EvidenceError(f"{where}: every lr_by_model row needs `model`, `lr` and `params_b`")
+    cells = tuple(raw.get("cells", ()))
+    for row in cells:
+        if not all(isinstance(v, bool) or _finite(v) for v in row.values()):
+            raise EvidenceError(f"{where}: every cell holds finite numbers or true/false")
     return Claim(
-        raw["id"], raw["says"], raw["read"], raw["source"], raw["ref"], raw["conditions"], scope, numbers, table
+        raw["id"], raw["says"], raw["read"], raw["source"], raw["ref"], raw["conditions"], scope, numbers, table, cells
     )
 
 
