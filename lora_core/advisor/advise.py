@@ -363,7 +363,7 @@ def _targets(inv: Inventory, case: Case, book: _Ledger) -> tuple[Choice, LoraSet
 def _rank(inv: Inventory, settings: LoraSettings, case: Case, book: _Ledger, warnings: list[str]) -> tuple[Choice, int]:
     ladder = [int(r) for r in book.claim_list("app-rank-ladder", "ladder")]
     # a rank above a layer's narrower side adds parameters but no capacity to that layer
-    narrowest = _narrowest_adapted(inv, settings)
+    narrowest = _narrowest_adapted(inv, settings, ladder[0])
     ladder = [r for r in ladder if r <= narrowest] or ladder[:1]
     tokens = case.examples * case.completion_tokens
     per_token = book.claim_value("tm-capacity", "params_per_completion_token")
@@ -427,11 +427,12 @@ def _refuses_dropout(inv: Inventory, settings: LoraSettings) -> bool:
     return False
 
 
-def _narrowest_adapted(inv: Inventory, settings: LoraSettings) -> int:
-    """The smallest min(in, out) over the modules `settings` adapts (the rank no layer exceeds)."""
+def _narrowest_adapted(inv: Inventory, settings: LoraSettings, floor: int) -> int:
+    """The smallest min(in, out) over the modules `settings` adapts, leaving out those narrower than
+    `floor` or as narrow (an MoE router, one output per expert), which caps its own rank."""
     modules = count_lora_params(inv, settings.replace(r=1)).modules
-    widths = modules[["in_features", "out_features"]].min(axis=1) if len(modules) else []
-    return int(min(widths)) if len(widths) else 1
+    widths = [int(w) for w in modules[["in_features", "out_features"]].min(axis=1)] if len(modules) else []
+    return min((w for w in widths if w > floor), default=1)
 
 
 # The article's scenario (its get_lora_config) closest to each task; preference tuning has none.
@@ -687,7 +688,8 @@ def _epochs(case: Case, book: _Ledger) -> tuple[Choice, int]:
         key, bound = "large_epochs", f"{book.claim('app-epochs', 'medium_examples')} examples or more"
     epochs = int(book.claim_value("app-epochs", key))
     text = book.claim("app-epochs", key)
-    rule = f"{text} epoch(s) for {bound}: this app's convention, as no source measured it; Verify checks it."
+    noun = "epoch" if epochs == 1 else "epochs"
+    rule = f"{text} {noun} for {bound}: this app's convention, as no source measured it; Verify checks it."
     return Choice("epochs", text, rule, ("app-epochs",), (), ()), epochs
 
 
