@@ -3,6 +3,7 @@ how it compares with another adapter of the same base."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import tempfile
@@ -82,7 +83,9 @@ def load(kind: str, value: object) -> Adapter:
     if kind == RUN:
         if value is None:
             raise InputError("no finished run to inspect yet: pick another source")
-        return open_adapter(f"run:{value}", store_dir=store.data_dir)
+        run = store.run(int(str(value)))
+        label = f"run {value}: {run['name']}" if run else f"run {value}"
+        return dataclasses.replace(open_adapter(f"run:{value}", store_dir=store.data_dir), label=label)
     if kind == UPLOAD:
         if value is None:
             raise InputError("choose a zip to upload first")
@@ -180,7 +183,11 @@ figure = go.Figure(
     )
 )
 figure.update_layout(
-    xaxis_title="module type", yaxis_title="layer", yaxis_type="category", height=160 + 18 * len(grid.index)
+    xaxis_title="module type",
+    yaxis_title="layer",
+    yaxis_type="category",
+    height=100 + 18 * len(grid.index),
+    margin={"t": 20},
 )
 st.plotly_chart(figure, key="lx_inspect_heatmap")
 
