@@ -97,7 +97,8 @@ def _most_common(ranks: dict[str, int]) -> int:
 def write_right_sized(adapter: Adapter, plan: RightSize, out_dir: Path) -> Path:
     """Write the truncated adapter (adapter_config.json + adapter_model.safetensors) to `out_dir`
     and return it. Tensors other than the LoRA factors (DoRA magnitudes, saved embeddings, biases)
-    are copied unchanged. Refuses a non-empty `out_dir` that is not an adapter folder."""
+    are copied unchanged. Modules are read one at a time, but the new file is assembled in memory
+    (it is at most the original's size). Refuses a non-empty `out_dir` that is not an adapter folder."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
