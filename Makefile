@@ -50,6 +50,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.bench_live
 	$(BIN)/python bench/bench_sweep.py
 	$(BIN)/python bench/bench_dropout.py
+	$(BIN)/python bench/bench_inspect.py
 
 # The CUDA paths in one prepared script (GPU tests, d=4096 simulations, a bf16 run, the memory
 # estimate against max_memory_allocated); on a machine without CUDA it says so and exits 0.

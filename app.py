@@ -25,6 +25,7 @@ PAGES = [
     st.Page("pages/finetune.py", title="Fine-tune", icon=":material/model_training:"),
     st.Page("pages/experiments.py", title="Experiments", icon=":material/science:"),
     st.Page("pages/advisor.py", title="Advisor", icon=":material/lightbulb:"),
+    st.Page("pages/inspect.py", title="Inspect", icon=":material/troubleshoot:"),
     st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ]
 

@@ -183,8 +183,10 @@ def _build_parser() -> argparse.ArgumentParser:
     search.set_defaults(handler=_cmd_search)
 
     from lora_core.advisor.cli import add_advise_parser
+    from lora_core.inspect.cli import add_inspect_parser
 
     add_advise_parser(commands, _Parser)
+    add_inspect_parser(commands, _Parser)
     return parser
 
 

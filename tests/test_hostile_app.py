@@ -28,7 +28,10 @@ from pages.common import resources
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
-PAGES = ["overview", "rank", "alpha", "targets", "dropout", "search", "memory", "finetune", "experiments", "export"]
+PAGES = [
+    "overview", "rank", "alpha", "targets", "dropout", "search", "memory", "finetune", "experiments", "advisor",
+    "inspect", "export",
+]  # fmt: skip
 SOURCES = ["Catalogue", "Hub id or path", "Upload config.json"]
 
 LONG = "x" * 10_000
@@ -75,6 +78,7 @@ TEXT_PLANS = {
     "lx_exp_hub_dataset": Plan({"lx_exp_data_source": "Hub dataset id"}, "start"),
     "lx_exp_name": Plan({"lx_exp_model_source": "Embedded SmolLM2-135M-Instruct"}, "start"),
     "lx_exp_ray": Plan({"lx_exp_runner": "A Ray cluster"}, "start"),
+    "lx_adv_model_text": Plan({"lx_adv_model_source": "Hub id or local path"}, "lx_adv_verify"),
 }
 UPLOAD_PLANS = {
     "lx_upload": Plan({"lx_source": "Upload config.json"}),
