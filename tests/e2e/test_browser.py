@@ -25,7 +25,7 @@ pytestmark = [
 ]
 SHOTS = ROOT / "artifacts" / "screenshots"
 PAGES = {"overview": "", "rank": "rank", "alpha": "alpha", "targets": "targets", "dropout": "dropout"}
-PAGES |= {"search": "search", "memory": "memory", "finetune": "finetune", "export": "export"}
+PAGES |= {"search": "search", "memory": "memory", "finetune": "finetune", "export": "export", "inspect": "inspect"}
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +222,24 @@ def test_an_experiment_of_two_trials_on_the_embedded_model_draws_both_curves_and
     assert "2/2 trials done" in page.inner_text("[data-testid='stMain']")
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "experiments.png"), full_page=True)
+
+
+def test_the_advisor_follows_its_form_and_applies_to_the_sidebar(server, page) -> None:
+    from lora_core.advisor import Case, advise
+
+    open_url(page, f"{server}/advisor?model=meta-llama/Meta-Llama-3-8B")
+    examples = page.get_by_role("spinbutton", name="Training examples")
+    examples.fill("100000")
+    examples.press("Enter")
+    wait_idle(page)
+    expected = advise(Case("meta-llama/Meta-Llama-3-8B", "sft", 100_000, 256.0, 0.0, 24.0, "quality"))
+    assert metric(page, "Trainable parameters (exact)") == f"{expected.count.trainable_params:,}"
+    assert metric(page, "On your 24 GiB GPU") == ("fits" if expected.fits else "does not fit")
+    assert page.locator("[data-testid='stException']").count() == 0
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "advisor.png"), full_page=True)
+    page.get_by_role("button", name="Apply to the sidebar").click()
+    wait_idle(page)
+    thumb = page.locator("[data-testid='stSidebar'] [data-testid='stSliderThumbValue']").first
+    assert thumb.inner_text().strip() == str(expected.settings.r)
+    assert re.search(rf"[?&]r={expected.settings.r}(&|$)", page.url)  # the link carries the applied config
