@@ -5,7 +5,8 @@ On a machine with CUDA it
   (b) times the rank simulation and the dropout simulation at d=4096 on CUDA (synchronised), checks
       their results (finite losses that fall and never go below their closed-form floors; dropout's
       spread zero at p=0 and growing with p, equal to the CPU's), and times the same calls on the
-      CPU at a size where that is cheap;
+      CPU at a size where that is cheap; and runs the Dropout page's study (360 configs in one batched
+      program) on CUDA and on the CPU, comparing their held-out losses;
   (c) makes a short bf16 run of the embedded SmolLM2 through the app's own path
       (`python -m lora_core train --model embedded --dataset json_extraction --steps 20 --device cuda`)
       and reports its status, tokens/s, the dtypes it trained in, and its measured peak
@@ -65,6 +66,7 @@ RANK_SIZE |= {"num_samples": 8192, "epochs": 200}
 RANK_CPU_SIZE = {**RANK_SIZE, "d_in": 1024, "d_out": 1024, "num_samples": 2048, "epochs": 50}
 DROPOUT_SIZE = {"d_in": 4096, "d_out": 4096, "rank": 64, "dropout_rates": (0.0, 0.05, 0.1, 0.2), "num_forward": 1000}
 # the same code at sizes a 2-core CPU does in seconds (the tests of this script use them)
+STUDY_SMALL = {"ranks": (1, 4), "rates": (0.0, 0.1), "samples": (16, 64), "seeds": 2, "steps": 20}
 RANK_SMALL = {"d_in": 64, "d_out": 64, "true_rank": 4, "ranks": (2, 4, 8), "num_samples": 128, "epochs": 20}
 DROPOUT_SMALL = {"d_in": 64, "d_out": 64, "rank": 8, "dropout_rates": (0.0, 0.1, 0.2), "num_forward": 50}
 
@@ -386,7 +388,46 @@ def simulation_worker(device: str, small: bool = False) -> dict[str, Any]:
         "histogram_complete": int(hist["count"].sum()) == len(samples),
         "max_rel_vs_cpu": float(np.max(np.abs(stds - cpu_stats["std"].to_numpy()) / np.maximum(stds, 1e-30))),
     }
+    result["dropout_study"] = study_worker(device, small, timed)
     return result
+
+
+def study_worker(device: str, small: bool, timed) -> dict[str, Any]:
+    """The Dropout page's study (every rank x rate x n x seed in one batched program) on `device`
+    and on the CPU: seconds each, and how far the held-out losses and the `clear` verdicts agree."""
+    import dataclasses
+
+    import numpy as np
+
+    from lora_core import dropout_study
+
+    study = dataclasses.replace(dropout_study.DEFAULT_STUDY, **STUDY_SMALL) if small else dropout_study.DEFAULT_STUDY
+    curves, seconds = timed(lambda: dropout_study.run_dropout_study(study, device))
+    cpu, cpu_s = timed(lambda: dropout_study.run_dropout_study(study, "cpu"))
+    here, there = dropout_study.dropout_table(curves), dropout_study.dropout_table(cpu)
+    loss, reference = here["loss_at_0"].to_numpy(), there["loss_at_0"].to_numpy()
+    return {
+        "configs": len(study.ranks) * len(study.rates) * len(study.samples) * study.seeds,
+        "seconds": seconds,
+        "cpu_s": cpu_s,
+        "finite": bool(np.isfinite(curves["heldout_loss"]).all()),
+        "max_rel_vs_cpu": float(np.max(np.abs(loss - reference) / np.abs(reference))),
+        "clear_differs": int((here["clear"].to_numpy() != there["clear"].to_numpy()).sum()),
+        "cells": len(here),
+    }
+
+
+def study_row(study: dict[str, Any], where: str, pick_note: str, picks_ok: bool) -> Row:
+    """PASS when the study's losses are finite and within 1e-2 of the CPU's (float32 sums differ by
+    device); cells whose `clear` verdict flips are reported, as borderline cells may."""
+    ok = picks_ok and study["finite"] and study["max_rel_vs_cpu"] < 1e-2
+    detail = (
+        f"{study['configs']} configs in one program on {where} (CPU {study['cpu_s']:.2f} s, "
+        f"{study['cpu_s'] / max(study['seconds'], 1e-9):.1f}x); losses {'finite' if study['finite'] else 'NOT finite'}, "
+        f"max rel. held-out difference to CPU {study['max_rel_vs_cpu']:.1e}, "
+        f"{study['clear_differs']} of {study['cells']} 'clear' verdicts differ"
+    )
+    return Row("dropout study", PASS if ok else FAIL, study["seconds"], detail + pick_note)
 
 
 def simulation_rows(result: dict[str, Any] | None, done: Done, expected: str = "cuda") -> list[Row]:
@@ -394,7 +435,11 @@ def simulation_rows(result: dict[str, Any] | None, done: Done, expected: str = "
     device pick to be `expected` too (the pages call the simulations without a device)."""
     if result is None:
         reason = done.last_error()
-        return [Row("rank simulation", FAIL, done.seconds, reason), Row("dropout simulation", FAIL, None, reason)]
+        return [
+            Row("rank simulation", FAIL, done.seconds, reason),
+            Row("dropout simulation", FAIL, None, reason),
+            Row("dropout study", FAIL, None, reason),
+        ]
     where = result["description"]
     picks_ok = result["auto_device"].startswith(expected) and result["auto_rank_device"].startswith(expected)
     pick_note = "" if picks_ok else f"; the app would pick {result['auto_rank_device']}, not {expected}"
@@ -433,13 +478,14 @@ def simulation_rows(result: dict[str, Any] | None, done: Done, expected: str = "
         + f"; max rel. std difference to CPU {drop['max_rel_vs_cpu']:.1e}"
     )
     rows.append(Row("dropout simulation", PASS if ok else FAIL, drop["seconds"], detail + pick_note))
+    rows.append(study_row(result["dropout_study"], where, pick_note, picks_ok))
     return rows
 
 
 def check_simulations(budget: Budget, env: dict[str, str], log: Log) -> list[Row]:
     timeout = budget.timeout(90)
     if timeout is None:
-        return [not_run("rank simulation", budget), not_run("dropout simulation", budget)]
+        return [not_run(name, budget) for name in ("rank simulation", "dropout simulation", "dropout study")]
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "sim", "--device", "cuda"]
     done = run_subprocess(command, timeout, env)
     log.add("simulations", command, done)

@@ -154,15 +154,16 @@ def test_simulation_worker_on_the_cpu_and_its_verdicts(tmp_path) -> None:
     result = gpu_check.tagged_json(done.stdout, gpu_check.RESULT_TAG)
     assert result is not None and result["device"] == "cpu"
     picked = "cuda" if torch.cuda.is_available() else "cpu"  # the app's automatic pick on this machine
-    rank, dropout = gpu_check.simulation_rows(result, done, expected=picked)
-    assert rank.result == "PASS" and dropout.result == "PASS", (rank, dropout)
+    rank, dropout, study = gpu_check.simulation_rows(result, done, expected=picked)
+    assert rank.result == "PASS" and dropout.result == "PASS" and study.result == "PASS", (rank, dropout, study)
+    assert "16 configs in one program" in study.detail and "0 of 4 'clear' verdicts differ" in study.detail
     assert "d=64" in rank.detail and "all fall" in rank.detail and "training loop" in rank.detail
     assert dropout.detail.count("<") == 2 and result["dropout"]["std"][0] == 0.0
     if picked == "cpu":
         on_cuda = gpu_check.simulation_rows(result, done, expected="cuda")
-        assert [r.result for r in on_cuda] == ["FAIL", "FAIL"] and "not cuda" in on_cuda[0].detail
+        assert [r.result for r in on_cuda] == ["FAIL"] * 3 and "not cuda" in on_cuda[0].detail
     missing = gpu_check.simulation_rows(None, gpu_check.Done(1, "", "Traceback\nRuntimeError: boom\n", 2.0, False))
-    assert [r.detail for r in missing] == ["RuntimeError: boom"] * 2
+    assert [r.detail for r in missing] == ["RuntimeError: boom"] * 3
 
 
 def test_realistic_sizes_are_the_issues() -> None:
