@@ -45,5 +45,7 @@ def test_the_package_declares_its_command_data_and_pins() -> None:
     shipped = {
         path for pattern in setuptools["package-data"]["lora_core"] for path in (ROOT / "lora_core").glob(pattern)
     }
-    assert set((ROOT / "lora_core" / "catalogue").glob("*.json")) <= shipped
-    assert len(shipped) >= 20
+    data_files = {path for path in (ROOT / "lora_core").rglob("*") if path.suffix in (".json", ".toml")}
+    assert data_files <= shipped, "a data file the package reads but a wheel would leave out"
+    assert (ROOT / "lora_core" / "advisor" / "evidence.toml") in shipped
+    assert len(shipped) >= 21
