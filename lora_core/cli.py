@@ -185,7 +185,7 @@ def _build_parser() -> argparse.ArgumentParser:
     from lora_core.advisor.cli import add_advise_parser
     from lora_core.inspect.cli import add_inspect_parser
 
-    add_advise_parser(commands, _Parser)
+    add_advise_parser(commands)
     add_inspect_parser(commands, _Parser)
     return parser
 

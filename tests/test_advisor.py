@@ -100,10 +100,10 @@ def _check_provenance(advice: Advice) -> None:
             claim_id, model, key = rest.rsplit(":", 2)
             row = next(row for row in EVIDENCE[claim_id].lr_by_model if row["model"] == model)
             assert figure.value == row[key], figure
-        elif kind == "cell":
+        elif kind in ("cell", "cellpct"):
             claim_id, rank, samples, key = rest.split(":")
             cell = next(c for c in EVIDENCE[claim_id].cells if (c["rank"], c["samples"]) == (int(rank), int(samples)))
-            assert figure.value == cell[key], figure
+            assert figure.value == pytest.approx(cell[key] * (100 if kind == "cellpct" else 1)), figure
         elif kind == "scope":
             claim_id, key = rest.split(":")
             assert figure.value in EVIDENCE[claim_id].scope[key], figure
@@ -468,3 +468,27 @@ def test_dropout_follows_the_studys_regime() -> None:
     assert moe.settings.lora_dropout == 0 and "PEFT refuses dropout" in moe.choice("lora_dropout").rule
     for advice in (few, many, moe):
         _check_provenance(advice)
+
+
+# --- found by review ---------------------------------------------------------------------------
+
+
+def test_a_measured_length_beyond_the_context_is_cut_not_refused() -> None:
+    advice = advise(Case("facebook/opt-125m", examples=100, seq_len=3083, seq_len_share=0.95))
+    assert advice.training.seq_len == 2048 and any("truncate" in w for w in advice.warnings)
+    _check_provenance(advice)
+
+
+def test_the_article_is_not_quoted_for_a_scenario_it_does_not_have() -> None:
+    advice = advise(Case("meta-llama/Llama-3.2-1B", task="preference", examples=1000))
+    assert "in its scenario" not in advice.choice("r").article
+    assert "in its scenario" not in advice.choice("lora_dropout").article
+    assert advice.choice("targets").article.startswith("nothing for preference tuning")
+    assert "in its scenario" in advise(Case("meta-llama/Llama-3.2-1B", examples=1000)).choice("r").article
+
+
+def test_equally_near_measured_models_that_disagree_are_named_and_the_lower_rate_taken() -> None:
+    advice = advise(Case("mistralai/Mistral-7B-v0.1", examples=1000))  # 7.2B: Llama-3.1-8B and Qwen3-8B tie
+    assert advice.training.learning_rate == 3e-4
+    assert "Equally near models disagree (Qwen/Qwen3-8B 1e-3" in advice.choice("learning_rate").rule
+    _check_provenance(advice)

@@ -245,6 +245,11 @@ class _Ledger:
         """A number of one cell of a claim's `cells` table."""
         return self._add(cell[key], f"cell:{claim_id}:{cell['rank']}:{cell['samples']}:{key}")
 
+    def cell_percent(self, claim_id: str, cell: dict[str, Any], key: str) -> str:
+        """A fraction in one cell of a claim's `cells` table, shown as a percentage."""
+        value = 100 * cell[key]
+        return self._add(value, f"cellpct:{claim_id}:{cell['rank']}:{cell['samples']}:{key}", f"{value:.3g}")
+
     def table(self, claim_id: str, row: dict[str, Any], key: str) -> str:
         return self._add(row[key], f"table:{claim_id}:{row['model']}:{key}")
 
@@ -351,11 +356,16 @@ def _targets(inv: Inventory, case: Case, book: _Ledger) -> tuple[Choice, LoraSet
             ("peft-lora-qv-r32", "article-scenarios"),
         ),
     )
-    article = {
+    article: str | None = {
         "classification": "q_proj and v_proj for classification on little data",
         "domain": "all linear layers for domain adaptation",
-    }.get(case.task, "the four attention projections for instruction tuning")
-    article = f"{article}, in its scenarios; its own comparison counts parameters but measures no quality."
+        "sft": "the four attention projections for instruction tuning",
+    }.get(case.task)
+    article = (
+        f"{article}, in its scenarios; its own comparison counts parameters but measures no quality."
+        if article
+        else "nothing for preference tuning; its own comparison of targets counts parameters but measures no quality."
+    )
     claims = ("tm-all-layers", "peft-lora-mlp-r10", "peft-lora-qv-r32", "bid-lr-alpha", "article-scenarios")
     return Choice("targets", chosen.strategy, rule, claims, (), alternatives, article), settings
 
@@ -407,8 +417,10 @@ def _rank(inv: Inventory, settings: LoraSettings, case: Case, book: _Ledger, war
             ("tm-sweep-rank-lr",),
         ),
     ]
+    scenario = _SCENARIO.get(case.task)
     article = (
-        f"r={book.claim('article-scenarios', _SCENARIO[case.task] + '_r')} in its scenario for this task; its bands "
+        (f"r={book.claim('article-scenarios', scenario + '_r')} in its scenario for this task; " if scenario else "")
+        + "its bands "
         f"put most tasks at {book.claim('article-rank-bands', 'sweet_low')}-"
         f"{book.claim('article-rank-bands', 'sweet_high')}, complex ones at "
         f"{book.claim('article-rank-bands', 'complex_low')}-{book.claim('article-rank-bands', 'complex_high')}, "
@@ -435,8 +447,8 @@ def _narrowest_adapted(inv: Inventory, settings: LoraSettings, floor: int) -> in
     return min((w for w in widths if w > floor), default=1)
 
 
-# The article's scenario (its get_lora_config) closest to each task; preference tuning has none.
-_SCENARIO = {"sft": "instruction", "domain": "domain", "classification": "classification", "preference": "instruction"}
+# The article's scenario (its get_lora_config) for each task; it has none for preference tuning.
+_SCENARIO = {"sft": "instruction", "domain": "domain", "classification": "classification"}
 
 
 def _alpha(settings: LoraSettings, case: Case, book: _Ledger) -> tuple[Choice, LoraSettings]:
@@ -495,7 +507,7 @@ def _dropout(
     ours = book.engine(ratio, "completion tokens per trainable parameter", _ratio(ratio))
     theirs = book.engine(cell_ratio(nearest[0]), "study cell: targets per parameter", _ratio(cell_ratio(nearest[0])))
     cells = ", ".join(f"r={book.cell(study.id, c, 'rank')} n={book.cell(study.id, c, 'samples')}" for c in nearest)
-    gain = book.engine(100 * top["gain"], "largest gain in percent", f"{100 * top['gain']:.3g}")
+    gain = book.cell_percent(study.id, top, "gain")
     size, qlora = _qlora_row(params_b, book, "dropout_by_size")
     benchmarks = Alternative(
         book.claim("no-dropout-benchmarks", "dropout"),
@@ -538,9 +550,14 @@ def _dropout(
                 qlora, f"QLoRA's released script for the {size}B model, the nearest size it trained", ("qlora-scripts",)
             ),
         )
+    scenario = _SCENARIO.get(case.task)
     article = (
-        f"{book.claim('article-scenarios', _SCENARIO[case.task] + '_dropout')} in its scenario for this task, and "
-        f"{book.claim('article-dropout', 'low')}-{book.claim('article-dropout', 'high')} for small datasets, without "
+        (
+            f"{book.claim('article-scenarios', scenario + '_dropout')} in its scenario for this task, and "
+            if scenario
+            else ""
+        )
+        + f"{book.claim('article-dropout', 'low')}-{book.claim('article-dropout', 'high')} for small datasets, without "
         "an experiment; its formula drops A x, while PEFT drops the layer's input x."
     )
     claims = ("app-dropout-study", "qlora-scripts", "no-dropout-benchmarks", "article-dropout", "article-scenarios")
@@ -550,7 +567,8 @@ def _dropout(
 
 def _learning_rate(inv: Inventory, params_b: float, case: Case, book: _Ledger) -> tuple[Choice, float]:
     claim = book.evidence["tm-lr-table"]
-    row, exact = _nearest_row(claim, inv, params_b)
+    rows, exact = _nearest_rows(claim, inv, params_b)
+    row = rows[0]
     lr = float(row["lr"])
     lr_text = book.table("tm-lr-table", row, "lr")
     if exact:
@@ -562,6 +580,10 @@ def _learning_rate(inv: Inventory, params_b: float, case: Case, book: _Ledger) -
             f"({book.engine(params_b, 'model parameters in billions', _billions(params_b))}B); the cookbook itself "
             "refuses to extrapolate, so verify it."
         )
+        others = [other for other in rows[1:] if other["lr"] != row["lr"]]
+        if others:
+            listed = ", ".join(f"{other['model']} {book.table('tm-lr-table', other, 'lr')}" for other in others)
+            rule += f" Equally near models disagree ({listed}): the lowest rate is taken."
     rule += (
         f" Full fine-tuning's best rate is about a {book.claim('tm-lr-factor-code', 'lora_over_full_lr')}th of LoRA's "
         f"in the cookbook's code; older docs said {book.claim('tm-lr-factor-text', 'old_docs_low')}-"
@@ -614,32 +636,48 @@ _FAMILIES = {
 }
 
 
-def _nearest_row(claim: Claim, inv: Inventory, params_b: float) -> tuple[dict[str, Any], bool]:
-    """The table row for this model (exact id), else the nearest size, the same family first."""
+def _nearest_rows(claim: Claim, inv: Inventory, params_b: float) -> tuple[list[dict[str, Any]], bool]:
+    """The table row for this model (exact id), else the rows nearest in size (the same family and
+    dense/MoE kind first); several when they are equally near, lowest learning rate first."""
     model_id = inv.spec.model_id.lower()
     for row in claim.lr_by_model:
         if row["model"].lower() == model_id:
-            return row, True
+            return [row], True
     family = _FAMILIES.get(inv.model_type)
     moe = bool(inv.facts.get("experts"))
     rows = [row for row in claim.lr_by_model if row.get("family") == family] or list(claim.lr_by_model)
     same_kind = [row for row in rows if bool(row.get("moe")) == moe] or rows
-    return min(same_kind, key=lambda row: (abs(math.log(row["params_b"] / max(params_b, 1e-3))), row["model"])), False
+
+    def distance(row: dict[str, Any]) -> float:
+        return abs(math.log(row["params_b"] / max(params_b, 1e-3)))
+
+    nearest = min(distance(row) for row in same_kind)
+    tied = [row for row in same_kind if distance(row) <= nearest + 1e-9]
+    return sorted(tied, key=lambda row: (row["lr"], row["model"])), False
 
 
 def _seq_len(inv: Inventory, case: Case, book: _Ledger, warnings: list[str]) -> tuple[int, Choice]:
     context = context_length(inv)
-    if case.seq_len is not None:
+    if case.seq_len is not None and case.seq_len_share is None:
         if context is not None and case.seq_len > context:
             raise AdviceError(
                 f"`seq_len` {case.seq_len:,} is longer than {inv.spec.model_id}'s context of {context:,} tokens"
             )
         text = book.given(case.seq_len, "seq_len")
-        how = "as given"
-        if case.seq_len_share is not None:
-            share = book.engine(100 * case.seq_len_share, "percent of examples that fit")
-            how = f"measured: {share}% of the dataset's examples fit in it, the rest are truncated"
-        return case.seq_len, Choice("seq_len", text, f"{text} tokens, {how}.", ("app-batch",), (), ())
+        return case.seq_len, Choice("seq_len", text, f"{text} tokens, as given.", ("app-batch",), (), ())
+    if case.seq_len is not None and case.seq_len_share is not None:  # measured: the user typed nothing
+        share = book.engine(100 * case.seq_len_share, "percent of examples that fit")
+        measured = book.given(case.seq_len, "seq_len")
+        if context is not None and case.seq_len > context:
+            warnings.append(f"The dataset's long examples exceed {inv.spec.model_id}'s context: runs truncate them.")
+            text = book.engine(context, "context length")
+            rule = (
+                f"{text}: the model's context; {share}% of the dataset's examples fit in {measured} tokens, "
+                "so the longest are truncated."
+            )
+            return context, Choice("seq_len", text, rule, ("app-batch",), (), ())
+        rule = f"{measured} tokens, measured: {share}% of the dataset's examples fit in it, the rest are truncated."
+        return case.seq_len, Choice("seq_len", measured, rule, ("app-batch",), (), ())
     tokens = case.prompt_tokens + case.completion_tokens
     seq_len = min(MAX_SEQ_LEN, SEQ_ROUNDING * math.ceil(tokens / SEQ_ROUNDING))
     if context is not None and seq_len > context:
@@ -689,7 +727,7 @@ def _epochs(case: Case, book: _Ledger) -> tuple[Choice, int]:
     epochs = int(book.claim_value("app-epochs", key))
     text = book.claim("app-epochs", key)
     noun = "epoch" if epochs == 1 else "epochs"
-    rule = f"{text} {noun} for {bound}: this app's convention, as no source measured it; Verify checks it."
+    rule = f"{text} {noun} for {bound}: this app's convention, as no source measured it; check it by training."
     return Choice("epochs", text, rule, ("app-epochs",), (), ()), epochs
 
 
@@ -735,7 +773,7 @@ def _fit(
                 alternatives = (
                     Alternative(
                         "gradient checkpointing",
-                        "a larger micro-batch for about a third more compute per step",
+                        "a larger micro-batch, paid for by recomputing each layer's activations in backward",
                         ("app-batch",),
                     ),
                 )
@@ -769,7 +807,7 @@ def _method(book: _Ledger) -> Choice:
         Alternative(
             f"LoRA+ (ratio {book.claim('loraplus', 'ratio')})",
             f"B learns faster than A: {book.claim('loraplus', 'gain_low_pct')}-{book.claim('loraplus', 'gain_high_pct')}% "
-            "better in its paper; cheap to try in Verify",
+            "better in its paper; cheap to try as an experiment's loraplus dimension",
             ("loraplus",),
         ),
         Alternative("DoRA, PiSSA", "only with their own learning-rate search", ("peft-dora-qv-r32", "lr-matters")),

@@ -16,7 +16,7 @@ class AdviseInputError(InputError):
     """Flags that contradict each other."""
 
 
-def add_advise_parser(commands, parser_class: type[argparse.ArgumentParser]) -> None:
+def add_advise_parser(commands) -> None:
     advise_parser = commands.add_parser(
         "advise",
         help="a recommended LoRA config for a model, a dataset and a GPU, with the evidence for each choice",

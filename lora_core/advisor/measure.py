@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lora_core.datasets import IGNORE_INDEX, Dataset, DatasetError, tokenize_examples
+from lora_core.errors import one_line
 from lora_core.memory import MAX_SEQ_LEN
 from lora_core.training.config import EMBEDDED, TrainSetupError, causal_lm_config
 
@@ -40,7 +41,7 @@ def load_tokenizer(model: str):
         # folder's own tokenizer code, and a "y" (or a piped answer) would run it
         return AutoTokenizer.from_pretrained(path, local_files_only=local_only, trust_remote_code=False)
     except Exception as error:  # transformers raises many types for a missing or broken tokenizer
-        raise TrainSetupError(f"model {model!r} has no loadable tokenizer: {str(error).splitlines()[0]}") from None
+        raise TrainSetupError(f"model {model!r} has no loadable tokenizer: {one_line(error)}") from None
 
 
 def measure_dataset(dataset: Dataset, tokenizer, tokenizer_name: str = EMBEDDED) -> DatasetMeasure:
