@@ -22,12 +22,15 @@ from pages.common import (
     MODEL_SOURCES,
     R_MAX,
     apply_settings,
+    chosen_dataset,
     config_name,
+    dataset_fields,
     display_name,
     file_upload,
     page_state,
     read_upload,
     run_manager,
+    store_upload,
     training_model,
 )
 
@@ -106,7 +109,11 @@ else:
             st.stop()
     else:
         builtin = col1.selectbox("Built-in task", list(BUILTIN_TASKS), key="lx_adv_builtin")
-        numbers = measured(None, builtin)
+        try:
+            numbers = measured(None, builtin)
+        except InputError as error:  # the embedded tokenizer missing or broken
+            st.error(f"Cannot measure {builtin}: {error}")
+            st.stop()
     examples, completion, prompt = numbers.examples, numbers.completion_tokens, numbers.prompt_tokens
     seq_len, share = numbers.long_tokens, LONGEST_QUANTILE
     st.caption(
@@ -202,17 +209,27 @@ def _unfinished(experiment_id: int) -> bool:
 st.subheader("Verify: train the advice and its neighbours")
 grid = verify_grid(advice)
 runs = len(grid[0].split(",")) * len(grid[1].split(","))
-st.write(f"An experiment of {runs} short runs, `{grid[0]}` x `{grid[1]}`, on the embedded model or your own.")
+st.write(
+    f"An experiment of {runs} short runs, `{grid[0]}` x `{grid[1]}`, on the embedded model or your own, with your "
+    "data or a built-in task. Short runs check the direction of the advice on your data, not its final quality."
+)
+LENGTHS = [64, 128, 256, 512, 1024, 2048]
 with st.form("lx_adv_verify_form"):
     col1, col2, col3, col4 = st.columns(4)
     model_source = col1.radio("Model", MODEL_SOURCES, key="lx_adv_model_source")
     model_text = col1.text_input("Hub id or local path", key="lx_adv_model_text")
-    dataset = col2.selectbox("Built-in task", list(BUILTIN_TASKS), key="lx_adv_verify_task")
+    data_source, builtin_task, data_upload, hub_text = dataset_fields("lx_advv", col2)
     steps = col3.number_input("Steps per run", 1, 2000, 30, key="lx_adv_steps")
-    batch = col4.select_slider("Batch size", [1, 2, 4, 8], value=4, key="lx_adv_batch")
+    batch = col3.select_slider("Batch size", [1, 2, 4, 8], value=4, key="lx_adv_batch")
+    # the advised length where a short run can afford it; longer sequences are for the real run
+    fitting = [n for n in LENGTHS if n <= training.seq_len] or LENGTHS[:1]
+    verify_len = col4.select_slider("Sequence length", LENGTHS, value=fitting[-1], key="lx_adv_seq")
     verify = st.form_submit_button("Verify", type="primary", key="lx_adv_verify")
 verifying = st.session_state.get("lx_adv_verifying")
-asked = (model_source, model_text.strip(), dataset, int(steps), int(batch), settings.r, training.learning_rate)
+asked = (
+    model_source, model_text.strip(), data_source, builtin_task, getattr(data_upload, "file_id", None), hub_text,
+    int(steps), int(batch), int(verify_len), settings.r, training.learning_rate,
+)  # fmt: skip
 if verify and verifying and verifying[3] == asked and _unfinished(verifying[0]):
     st.warning(f"This is already being verified as experiment {verifying[0]}: see below.")
 elif verify:
@@ -223,9 +240,15 @@ elif verify:
 
         target = as_inventory(config_name(model_choice))
         mapped = resolve_strategy(target, advice.choice("targets").value).apply(settings)
-        config = TrainConfig(model=model_choice, dataset=dataset, steps=int(steps), batch_size=int(batch), seq_len=128)
-        plan = verify_plan(advice, config, mapped)
+        dataset, checked = chosen_dataset(data_source, builtin_task, "lx_advv_upload", data_upload, hub_text)
         manager = run_manager()
+        if checked is not None:  # stored once the rest holds; trials name the stored file
+            verify_plan(advice, TrainConfig(model=model_choice, steps=int(steps)), mapped)
+            dataset = f"upload:{store_upload(checked, manager.store.data_dir)}"
+        config = TrainConfig(
+            model=model_choice, dataset=dataset, steps=int(steps), batch_size=int(batch), seq_len=int(verify_len)
+        )
+        plan = verify_plan(advice, config, mapped)
         experiment_id = submit_experiment(manager.store, plan, runner="local", owner=WORKER)
     except InputError as error:
         st.error(f"Not started: {error}")

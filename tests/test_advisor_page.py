@@ -156,3 +156,21 @@ def test_verify_twice_queues_once_and_failed_trials_say_why(page: AppTest, data_
         store.update_run(int(run_id), status="failed", error="model could not be loaded (no weights)")
     page.run()
     assert any("Its trials failed: model could not be loaded" in e.value for e in page.error)
+
+
+def test_verify_trains_on_the_users_upload_at_the_chosen_length(page: AppTest, data_dir: Path) -> None:
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(20)]
+    data = "\n".join(json.dumps(row) for row in rows).encode()
+    page.radio(key="lx_advv_data_source").set_value("Upload JSONL/CSV")
+    page.file_uploader(key="lx_advv_upload").set_value(("mine.jsonl", data, "application/octet-stream"))
+    page.select_slider(key="lx_adv_seq").set_value(64)
+    page.number_input(key="lx_adv_steps").set_value(2)
+    page.button(key="lx_adv_verify").click().run()
+    assert not page.exception, page.exception
+    assert any("queued" in s.value for s in page.success), [e.value for e in page.error]
+    store = Store.open(data_dir)
+    runs = store.experiment_runs(int(store.experiments().iloc[0]["id"]))
+    configs = [json.loads(c) if isinstance(c, str) else c for c in runs["config"]]
+    assert {c["seq_len"] for c in configs} == {64}
+    assert all(c["dataset"].startswith(f"upload:{data_dir / 'uploads'}/") for c in configs)
+    store.cancel_experiment(int(store.experiments().iloc[0]["id"]))

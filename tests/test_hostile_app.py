@@ -79,12 +79,14 @@ TEXT_PLANS = {
     "lx_exp_name": Plan({"lx_exp_model_source": "Embedded SmolLM2-135M-Instruct"}, "start"),
     "lx_exp_ray": Plan({"lx_exp_runner": "A Ray cluster"}, "start"),
     "lx_adv_model_text": Plan({"lx_adv_model_source": "Hub id or local path"}, "lx_adv_verify"),
+    "lx_advv_hub_dataset": Plan({"lx_advv_data_source": "Hub dataset id"}, "lx_adv_verify"),
 }
 UPLOAD_PLANS = {
     "lx_upload": Plan({"lx_source": "Upload config.json"}),
     "lx_import_upload": Plan(),
     "lx_train_upload": Plan({"lx_train_data_source": "Upload JSONL/CSV"}, "start"),
     "lx_exp_upload": Plan({"lx_exp_data_source": "Upload JSONL/CSV"}, "start"),
+    "lx_advv_upload": Plan({"lx_advv_data_source": "Upload JSONL/CSV"}, "lx_adv_verify"),
 }
 # Content each uploader would accept: hostile names travel with it, so the name alone is tested.
 # The sidebar's config.json gets one that is refused (a valid one would switch the model).
@@ -95,7 +97,7 @@ BENIGN = {
         json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}).encode() + b"\n" for i in range(20)
     ),
 }
-BENIGN["lx_exp_upload"] = BENIGN["lx_train_upload"]
+BENIGN["lx_exp_upload"] = BENIGN["lx_advv_upload"] = BENIGN["lx_train_upload"]
 
 
 def plan_key(key: str) -> str:

@@ -43,6 +43,7 @@ UPLOADS = {
     "lx_train_upload": UploadRule("a JSONL or CSV dataset", MAX_UPLOAD_BYTES, (".jsonl", ".json", ".csv")),
     "lx_exp_upload": UploadRule("a JSONL or CSV dataset", MAX_UPLOAD_BYTES, (".jsonl", ".json", ".csv")),
     "lx_adv_upload": UploadRule("a JSONL or CSV dataset", MAX_UPLOAD_BYTES, (".jsonl", ".json", ".csv")),
+    "lx_advv_upload": UploadRule("a JSONL or CSV dataset", MAX_UPLOAD_BYTES, (".jsonl", ".json", ".csv")),
     "lx_inspect_upload": UploadRule("an adapter zip", MAX_UPLOAD_BYTES, (".zip",)),
 }
 
