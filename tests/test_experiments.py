@@ -553,3 +553,18 @@ def test_ctrl_c_during_one_of_the_main_threads_own_writes_still_cancels(tmp_path
         db.close()
     assert store.experiment_cancel_requested(experiment_id)
     assert store.run(1)["name"] == "renamed"  # the interrupted write was kept
+
+
+def test_a_cancel_that_cannot_be_written_is_one_line_and_ctrl_c_still_stops(tmp_path, capsys, monkeypatch) -> None:
+    store = Store.open(tmp_path)
+    trial = {"name": "t", "model": "m", "dataset": "d", "settings": {}, "config": {}, "owner": CLI}
+    experiment_id = store.create_experiment("e", "m", "d", {}, trials=[trial])
+
+    def locked(_experiment_id):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(Store, "cancel_experiment", lambda self, experiment_id: locked(experiment_id))
+    with pytest.raises(KeyboardInterrupt), engine.ctrl_c_cancels(store, experiment_id):
+        signal.raise_signal(signal.SIGINT)
+    err = capsys.readouterr().err
+    assert err == f"experiment {experiment_id} could not be marked cancelled: database is locked\n"

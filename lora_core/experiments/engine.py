@@ -15,6 +15,7 @@ import dataclasses
 import math
 import signal
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from lora_core.errors import InputError, is_int, name_problem, short_repr
+from lora_core.errors import InputError, is_int, name_problem, one_line, short_repr
 from lora_core.experiments.grid import (
     DIMENSIONS,
     EMBEDDED_SPEC,
@@ -188,6 +189,13 @@ def ctrl_c_cancels(store: Store, experiment_id: int) -> Iterator[None]:
         yield
         return
     pressed: list[threading.Thread] = []
+    failed: list[str] = []
+
+    def cancel() -> None:
+        try:
+            store.cancel_experiment(experiment_id)
+        except Exception as error:  # reported once the trials have wound down, in one line
+            failed.append(one_line(error))
 
     def on_ctrl_c(signum, frame) -> None:
         if pressed:
@@ -195,7 +203,7 @@ def ctrl_c_cancels(store: Store, experiment_id: int) -> Iterator[None]:
         # The handler runs on the main thread between two bytecodes, possibly inside one of this
         # thread's own store writes: writing here would wait on its own lock ("database is
         # locked"). A thread writes the cancel once the interrupted write has committed.
-        writer = threading.Thread(target=store.cancel_experiment, args=(experiment_id,), daemon=True)
+        writer = threading.Thread(target=cancel, daemon=True)
         pressed.append(writer)
         writer.start()
 
@@ -206,6 +214,8 @@ def ctrl_c_cancels(store: Store, experiment_id: int) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
         for writer in pressed:
             writer.join()
+    if failed:
+        print(f"experiment {experiment_id} could not be marked cancelled: {failed[0]}", file=sys.stderr)
     if pressed:
         raise KeyboardInterrupt
 
