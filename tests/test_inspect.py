@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -362,7 +363,7 @@ def hostile_cases(good: Path) -> list[tuple[str, object, str]]:
         ("absolute name", {"/etc/adapter_config.json": b"{}", "adapter_model.safetensors": b""}, "outside the adapter's folder"),
         ("deep name", {"a/b/adapter_config.json": b"{}", "adapter_model.safetensors": b""}, "outside the adapter's folder"),
         ("zip without weights", {"adapter_config.json": files["adapter_config.json"]}, "no adapter_model.safetensors"),
-        ("zip bomb config", {"adapter_config.json": b" " * 2_000_000, "adapter_model.safetensors": b""}, "unpacks to more than"),
+        ("zip bomb config", {"adapter_config.json": b" " * 2_000_000, "adapter_model.safetensors": b""}, "over the 1 MB cap"),
         ("binary junk zip", b"PK\x03\x04" + os.urandom(200), "not a zip"),
         ("binary junk config", {"adapter_config.json": os.urandom(300)}, "not valid JSON"),
         ("config list", {"adapter_config.json": b"[1, 2]"}, "must hold a JSON object"),
@@ -457,8 +458,8 @@ def test_right_size_refuses_bad_energies_and_folders(good, tmp_path) -> None:
     plan = plan_right_size(inspection, 0.9)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    for out, words in ((good, "own folder"), (tmp_path / "busy", "holds other files")):
-        with pytest.raises(AdapterError, match=words):
+    for out in (good, tmp_path / "busy"):
+        with pytest.raises(AdapterError, match="exists and is not empty"):
             write_right_sized(adapter, plan, out)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
@@ -497,6 +498,8 @@ def test_cli_json_compare_and_right_size(good, tmp_path, capsys) -> None:
         (["--right-size", "nan"], "--right-size is the share of energy"),
         (["--right-size", "2"], "--right-size is the share of energy"),
         (["--out", "x"], "give --right-size too"),
+        (["--out", ""], "give a folder for --out"),
+        (["--global-rank"], "give --right-size too"),
     ],
 )
 def test_cli_bad_flags_raise_input_errors(good, argv, words) -> None:
@@ -527,3 +530,182 @@ def test_module_entry_point_inspects_and_refuses_in_one_line(good, tmp_path) -> 
         env=env,
     )
     assert refused.returncode == 2 and refused.stderr.startswith("error: ") and refused.stderr.count("\n") == 1
+
+
+# --- what the hostile review found ---------------------------------------------------------------
+
+
+def one_line_error(words: str, call, *args, **kwargs) -> str:
+    """The message of the `AdapterError` that `call(*args, **kwargs)` raises, checked to hold
+    `words` on one line."""
+    with pytest.raises(AdapterError) as error:
+        call(*args, **kwargs)
+    message = str(error.value)
+    print(message)
+    assert words in message and "\n" not in message
+    return message
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_right_size_never_writes_into_a_folder_that_holds_anything(good, tmp_path) -> None:
+    """Another adapter (say the one compared with), a folder of the user's, the source itself or a
+    link to it: refused in one line, their files byte for byte as they were."""
+    adapter = open_adapter(good)
+    plan = plan_right_size(inspect_adapter(adapter), 0.5)
+    other = tmp_path / "other"
+    other.mkdir()
+    for name, data in adapter_files(good).items():
+        (other / name).write_bytes(data)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(good)
+    before = {folder: folder_bytes(folder) for folder in (good, other, mine)}
+    for out in (other, mine, good, tmp_path / "link"):
+        one_line_error("give a new folder", write_right_sized, adapter, plan, out)
+    with pytest.raises(AdapterError, match="exists and is not empty"):
+        run_inspect(str(good), "--compare", str(other), "--right-size", "0.5", "--out", str(other))
+    assert {folder: folder_bytes(folder) for folder in (good, other, mine)} == before
+    (tmp_path / "empty").mkdir()
+    assert write_right_sized(adapter, plan, tmp_path / "empty") == tmp_path / "empty"
+
+
+def test_folders_that_cannot_be_written_are_one_line(good, tmp_path) -> None:
+    adapter = open_adapter(good)
+    plan = plan_right_size(inspect_adapter(adapter), 0.5)
+    (tmp_path / "file").write_text("x")
+    outs = [(tmp_path / "file" / "out", "is a file"), (f"{tmp_path}/a\x00b", "NUL"), (tmp_path / ("x" * 300), "")]
+    if Path("/proc/self").is_dir():
+        outs.append((Path("/proc/no-such-dir/out"), "cannot be written there"))
+    for out, words in outs:
+        one_line_error(words, write_right_sized, adapter, plan, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def bomb(weights: bytes, padding: int) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("adapter_config.json", b"{}")
+        archive.writestr("adapter_model.safetensors", weights + b"\0" * padding)
+    return buffer.getvalue()
+
+
+def test_zip_bombs_are_refused_before_unpacking_and_leave_nothing(good, tmp_path, monkeypatch) -> None:
+    """The weights declare 4 MB and pack to a few KB: refused from the zip's directory, nothing
+    written. (The ratio is only checked past RATIO_FREE_BYTES, lowered here to keep the test small.)"""
+    from lora_core.inspect import loading
+
+    monkeypatch.setattr(loading, "RATIO_FREE_BYTES", 2**16)
+    source = tmp_path / "bomb.zip"
+    source.write_bytes(bomb(adapter_files(good)["adapter_model.safetensors"], 4 * 2**20))
+    unpacked = tmp_path / "unpacked"
+    one_line_error("zip bomb", open_adapter, source, unpack_dir=unpacked)
+    assert not unpacked.exists()
+
+
+def test_a_refused_zip_leaves_no_unpacked_folder(good, tmp_path) -> None:
+    files = adapter_files(good)
+    config = json.loads(files["adapter_config.json"])
+    source = tmp_path / "bad-r.zip"
+    source.write_bytes(zipped({**files, "adapter_config.json": json.dumps({**config, "r": -1}).encode()}))
+    one_line_error("`r` must be an integer", open_adapter, source, unpack_dir=tmp_path / "unpacked")
+    assert not (tmp_path / "unpacked").exists()
+    (tmp_path / "good.zip").write_bytes(zipped(files))
+    assert open_adapter(tmp_path / "good.zip", unpack_dir=tmp_path / "unpacked").folder == tmp_path / "unpacked"
+
+
+def test_old_unpacked_folders_are_pruned(tmp_path) -> None:
+    from lora_core.inspect import prune_unpacked
+
+    for age in range(5):
+        (tmp_path / f"zip{age}").mkdir()
+        os.utime(tmp_path / f"zip{age}", (1e9 - age, 1e9 - age))
+    prune_unpacked(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zip0", "zip1"]
+    prune_unpacked(tmp_path / "missing", keep=2)  # no folder yet: nothing to do
+
+
+def encrypted_flag(archive: bytes) -> bytes:
+    """`archive` with every central-directory entry flagged as encrypted (bit 0 of its flags), as a
+    password-protected zip is; zipfile's writer cannot set the bit itself."""
+    data = bytearray(archive)
+    entries, start = struct.unpack("<10xH4xI", data[-22:-2])  # end of central directory record
+    for _ in range(entries):
+        assert data[start : start + 4] == b"PK\x01\x02"
+        data[start + 8] |= 0x1
+        name, extra, comment = struct.unpack("<3H", data[start + 28 : start + 34])
+        start += 46 + name + extra + comment
+    return bytes(data)
+
+
+def test_zips_with_split_or_encrypted_members_are_one_line(good, tmp_path) -> None:
+    files = adapter_files(good)
+    split = tmp_path / "split.zip"
+    split.write_bytes(zipped({f"a/{k}" if k.endswith("json") else f"b/{k}": v for k, v in files.items()}))
+    one_line_error("in different folders", open_adapter, split, unpack_dir=tmp_path / "u1")
+    locked = tmp_path / "locked.zip"
+    locked.write_bytes(encrypted_flag(zipped(files)))
+    message = one_line_error("encrypted zip: ", open_adapter, locked, unpack_dir=tmp_path / "u2")
+    assert "ZipInfo" not in message
+    assert not (tmp_path / "u1").exists() and not (tmp_path / "u2").exists()
+
+
+def adapter_with(good: Path, folder: Path, config: dict | None = None, scale_weights: float = 1.0) -> Path:
+    """A copy of `good` with its config updated by `config` and its weights float64 times `scale_weights`."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir()
+    base = json.loads((good / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**base, **(config or {})}))
+    tensors = {k: v.double() * scale_weights for k, v in load_file(good / "adapter_model.safetensors").items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_alpha_zero_right_sizes_to_zeros_without_nan_or_warnings(good, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    adapter = open_adapter(adapter_with(good, tmp_path / "a0", {"lora_alpha": 0}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a 0 / 0 would warn before it wrote NaN
+        write_right_sized(adapter, plan_right_size(inspect_adapter(adapter), 0.9), tmp_path / "small")
+    tensors = load_file(tmp_path / "small" / "adapter_model.safetensors")
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in tensors.values())
+    assert json.loads((tmp_path / "small" / "adapter_config.json").read_text())["lora_alpha"] == 0
+
+
+def test_inputs_that_raised_tracebacks_are_one_line(good, tmp_path) -> None:
+    digits = (good / "adapter_config.json").read_text().replace('"r": 4', '"r": ' + "9" * 5000)
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / "adapter_config.json").write_text(digits)
+    (tmp_path / "digits" / "adapter_model.safetensors").write_bytes(adapter_files(good)["adapter_model.safetensors"])
+    huge = adapter_with(good, tmp_path / "huge", scale_weights=1e200)
+    loud = adapter_with(good, tmp_path / "loud", {"lora_alpha": 1e308})
+    badregex = adapter_with(good, tmp_path / "regex", {"rank_pattern": {"(": 4}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one_line_error("no such folder or zip", open_adapter, "~no-such-user-lx/adapter")
+        one_line_error("is not valid JSON", open_adapter, tmp_path / "digits")
+        for folder in (huge, loud):
+            one_line_error("too large to analyse", lambda f: inspect_adapter(open_adapter(f)), folder)
+        assert one_line_error("invalid pattern", lambda f: inspect_adapter(open_adapter(f)), badregex).startswith(
+            str(badregex)
+        )
+        one_line_error("a run id is a whole number", open_adapter, "run:\uff11", store_dir=tmp_path)
+
+
+def test_cli_json_has_no_nan_against_an_untrained_adapter(good, tmp_path, capsys) -> None:
+    """An untrained adapter (B = 0) has no directions: phi is null in the JSON, never NaN."""
+    untrained = tmp_path / "untrained"
+    get_peft_model(llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(untrained)
+    assert run_inspect(str(good), "--compare", str(untrained), "--json") == 0
+    out = capsys.readouterr().out
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in the JSON")
+
+    report = json.loads(out, parse_constant=refuse)
+    assert {row["phi_k"] for row in report["compare"]["modules"]} == {None}

@@ -11,8 +11,22 @@
 from __future__ import annotations
 
 from lora_core.inspect.compare import Comparison, compare_adapters, subspace_similarity
-from lora_core.inspect.loading import Adapter, AdapterError, check_adapter, open_adapter, unpack_zip
-from lora_core.inspect.right_size import RightSize, plan_right_size, right_sized_config, write_right_sized
+from lora_core.inspect.loading import (
+    Adapter,
+    AdapterError,
+    check_adapter,
+    open_adapter,
+    open_zip,
+    prune_unpacked,
+    unpack_zip,
+)
+from lora_core.inspect.right_size import (
+    RightSize,
+    check_out_dir,
+    plan_right_size,
+    right_sized_config,
+    write_right_sized,
+)
 from lora_core.inspect.spectra import (
     ENERGIES,
     Inspection,
@@ -38,13 +52,16 @@ __all__ = [
     "Spectrum",
     "adapter_modules",
     "check_adapter",
+    "check_out_dir",
     "compare_adapters",
     "energy_column",
     "heatmap",
     "inspect_adapter",
     "open_adapter",
+    "open_zip",
     "overall",
     "plan_right_size",
+    "prune_unpacked",
     "rank_measures",
     "right_sized_config",
     "spectrum",

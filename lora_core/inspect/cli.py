@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from lora_core.errors import InputError
@@ -44,13 +45,18 @@ def add_inspect_parser(commands: Any, parser_class: type[argparse.ArgumentParser
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Run `inspect` for parsed `args`; 0 on success, `InputError` for bad input."""
     from lora_core.inspect.compare import compare_adapters
-    from lora_core.inspect.right_size import plan_right_size, write_right_sized
+    from lora_core.inspect.right_size import check_out_dir, plan_right_size, write_right_sized
 
-    if args.out and args.right_size is None:
+    if args.out is not None and not args.out.strip():
+        raise InputError("give a folder for --out, e.g. --out right-sized")
+    if args.out is not None and args.right_size is None:
         raise InputError("--out writes the right-sized adapter: give --right-size too, e.g. --right-size 0.99")
+    if args.global_rank and args.right_size is None:
+        raise InputError("--global-rank chooses how to right-size: give --right-size too, e.g. --right-size 0.99")
     energy = args.right_size
     if energy is not None and not (math.isfinite(energy) and 0 < energy <= 1):
         raise InputError(f"--right-size is the share of energy to keep, in (0, 1], e.g. 0.99; got {energy}")
+    out = check_out_dir(args.out) if args.out is not None else None  # refused before the slow part
     store = Path(args.store) if args.store else None
     with tempfile.TemporaryDirectory(prefix="lora-inspect-") as scratch:
         adapter = open_adapter(args.adapter, unpack_dir=Path(scratch) / "first", store_dir=store)
@@ -80,10 +86,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 "ranks": plan.ranks,
                 "modules": plan.modules.to_dict("records"),
             }
-            if args.out:
-                report["right_size"]["out"] = str(write_right_sized(adapter, plan, Path(args.out)))
+            if out is not None:
+                report["right_size"]["out"] = str(write_right_sized(adapter, plan, out))
     if args.json:
-        print(json.dumps(report, indent=2, default=_json_default))
+        print(json.dumps(_finite(report), indent=2, default=_json_default, allow_nan=False))
     else:
         print(_text(report, inspection))
     return 0
@@ -103,6 +109,18 @@ def _report(adapter: Adapter, inspection: Inspection) -> dict[str, Any]:
         "by_type": usage(inspection, "type").to_dict("records"),
         "by_layer": usage(inspection, "layer").to_dict("records"),
     }
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float (nested in dicts and lists) as None: JSON has no
+    NaN, and a comparison with a zero update has no similarity to report."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    if isinstance(value, float | np.floating) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -27,6 +28,13 @@ MAX_CONFIG_BYTES = 1_000_000
 MAX_HEADER_BYTES = 100_000_000
 # What a zip may unpack to: a 70B all-linear r=256 adapter is ~10 GB in bf16.
 MAX_UNPACKED_BYTES = 64 * 2**30
+# Trained float weights hardly compress (deflate saves ~10% on fp32 noise, ~2x on an untrained
+# adapter whose B is all zeros), so an entry declaring more than MAX_RATIO times its compressed
+# size is a bomb, not an adapter. Below RATIO_FREE_BYTES the ratio is not checked: a tiny test
+# adapter of zeros may compress 1000:1 and is harmless. Together they cap what a zip unpacks to at
+# max(RATIO_FREE_BYTES, MAX_RATIO x the zip's size) per entry.
+MAX_RATIO = 100
+RATIO_FREE_BYTES = 64 * 2**20
 MAX_RANK = 65_536
 # safetensors dtype names and their sizes in bytes; LoRA weights are floating point.
 FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
@@ -92,7 +100,10 @@ def open_adapter(
     run = re.fullmatch(r"run:(\S+)", text)
     if run:
         return check_adapter(run_folder(run.group(1), store_dir), f"run {run.group(1)}")
-    path = Path(text).expanduser()
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # `~someone` for a user this machine does not have
+        raise AdapterError(f"no such folder or zip: {short_repr(text)} (no such user's home)") from None
     looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1 or text.lower().endswith(".zip")
     if local_roots is not None and (looks_local or _exists(path)) and not _inside(path, local_roots):
         where = ", ".join(str(root) for root in local_roots) or "nowhere"
@@ -102,8 +113,8 @@ def open_adapter(
             return check_adapter(path, text)
         if zipfile.is_zipfile(path):
             if unpack_dir is None:
-                raise AdapterError(f"{text}: a zip needs a folder to unpack into")
-            return check_adapter(unpack_zip(path, unpack_dir, text), text)
+                raise AdapterError(f"{short_repr(text)}: a zip needs a folder to unpack into")
+            return open_zip(path, unpack_dir, text)
         raise AdapterError(f"{short_repr(text)} is a file but not a zip: give the adapter's folder or a .zip of it")
     if looks_local or not HUB_ID.match(text):
         raise AdapterError(f"no such folder or zip: {short_repr(text)}")
@@ -127,7 +138,7 @@ def run_folder(run_id: str, store_dir: Path | None) -> Path:
     """The adapter folder of run `run_id` of the store in `store_dir` (default: the app's data dir)."""
     from lora_core.store import Store, default_data_dir
 
-    if not run_id.isdigit() or len(run_id) > 12:
+    if not re.fullmatch(r"[0-9]{1,12}", run_id):  # ASCII only: str.isdigit also takes '１' and '²'
         raise AdapterError(f"run:{short_repr(run_id)}: a run id is a whole number, as the Fine-tune page lists them")
     data_dir = Path(store_dir) if store_dir is not None else default_data_dir()
     if not (data_dir / "runs.sqlite").is_file():
@@ -162,24 +173,54 @@ def hub_folder(repo_id: str) -> Path:
         raise AdapterError(f"{repo_id} could not be fetched from the Hub: {one_line(error)}") from None
 
 
+def open_zip(archive: Path | Any, dest: Path, label: str) -> Adapter:
+    """The adapter in zip `archive` (a path or a binary file object), unpacked into `dest` and
+    checked; `dest` is removed again when the zip or the adapter in it is refused."""
+    folder = unpack_zip(archive, dest, label)
+    try:
+        return check_adapter(folder, label)
+    except AdapterError:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
 def unpack_zip(archive: Path | Any, dest: Path, label: str) -> Path:
     """Unpack the adapter files of zip `archive` (a path or a binary file object) into `dest`.
 
-    Only `adapter_config.json` and `adapter_model.safetensors` are taken, from the zip's top level
-    or one folder below it; a name with `..`, an absolute name, a link, or content past
-    MAX_UNPACKED_BYTES (counted while writing, not trusted from the zip's directory) is refused.
-    Returns `dest`."""
+    `dest` belongs to the unpacker: what it held is replaced, and on any refusal it is removed, so
+    a refused zip leaves nothing behind. Only `adapter_config.json` and `adapter_model.safetensors`
+    are taken, both from the zip's top level or both from one folder below it; a name with `..`,
+    an absolute name, a link, an encrypted entry, a declared size past the caps or a compression
+    ratio past MAX_RATIO is refused before anything is written, and the bytes are counted while
+    writing too (the directory could lie). Returns `dest`."""
     try:
         with zipfile.ZipFile(archive) as zipped:
             members = _adapter_members(zipped, label)
-            dest.mkdir(parents=True, exist_ok=True)
-            budget = MAX_UNPACKED_BYTES
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir(parents=True)
             for name, info in members.items():
-                cap = MAX_CONFIG_BYTES if name == CONFIG_NAME else budget
-                budget -= _copy_capped(zipped, info, dest / name, cap, label)
+                _copy_capped(zipped, info, dest / name, _size_cap(name, info, label), label)
+    except AdapterError:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError) as error:
+        shutil.rmtree(dest, ignore_errors=True)
         raise AdapterError(f"{label}: not a readable zip ({one_line(error)})") from None
+    except OSError as error:  # the disk is full, the folder cannot be made
+        shutil.rmtree(dest, ignore_errors=True)
+        raise AdapterError(f"{label}: the zip cannot be unpacked here ({error.strerror or one_line(error)})") from None
     return dest
+
+
+def prune_unpacked(root: Path, keep: int) -> None:
+    """Remove all but the `keep` most recently changed folders under `root`, so the zips a server
+    unpacks do not pile up without bound."""
+    try:
+        folders = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:  # no such folder yet
+        return
+    for folder in folders[keep:]:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _adapter_members(zipped: zipfile.ZipFile, label: str) -> dict[str, zipfile.ZipInfo]:
@@ -192,13 +233,36 @@ def _adapter_members(zipped: zipfile.ZipFile, label: str) -> dict[str, zipfile.Z
             raise AdapterError(f"{label}: the zip names {short_repr(info.filename)}, outside the adapter's folder")
         if (info.external_attr >> 16) & 0o170000 == 0o120000:
             raise AdapterError(f"{label}: {short_repr(info.filename)} in the zip is a link; zip the files themselves")
+        if info.flag_bits & 0x1:
+            raise AdapterError(f"encrypted zip: {label} protects {parts[-1]} with a password; zip it without one")
         if parts[-1] in found:
             raise AdapterError(f"{label}: the zip holds more than one {parts[-1]}; zip one adapter")
         found[parts[-1]] = info
     missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if name not in found]
     if missing:
         raise AdapterError(f"{label}: the zip holds no {' or '.join(missing)}; zip the adapter's folder")
+    folders = {PurePosixPath(info.filename.replace("\\", "/")).parent for info in found.values()}
+    if len(folders) > 1:
+        raise AdapterError(
+            f"{label}: the zip has {CONFIG_NAME} and {WEIGHTS_NAME} in different folders; zip one adapter's folder"
+        )
     return found
+
+
+def _size_cap(name: str, info: zipfile.ZipInfo, label: str) -> int:
+    """The most bytes `info` may unpack to, after refusing what its declared size already gives away."""
+    cap = MAX_CONFIG_BYTES if name == CONFIG_NAME else MAX_UNPACKED_BYTES
+    size = info.file_size
+    if size > cap:
+        raise AdapterError(
+            f"{label}: {name} in the zip declares {size / 1e6:,.0f} MB, over the {cap / 1e6:,.0f} MB cap"
+        )
+    if size > RATIO_FREE_BYTES and size > MAX_RATIO * max(info.compress_size, 1):
+        raise AdapterError(
+            f"{label}: {name} in the zip would unpack {size // max(info.compress_size, 1):,} times larger "
+            f"than it is packed (more than {MAX_RATIO}:1): a zip bomb, not adapter weights"
+        )
+    return min(cap, size)
 
 
 def _copy_capped(zipped: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, cap: int, label: str) -> int:
@@ -207,9 +271,9 @@ def _copy_capped(zipped: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, c
         while chunk := source.read(2**20):
             written += len(chunk)
             if written > cap:
-                out.close()
-                target.unlink()
-                raise AdapterError(f"{label}: {info.filename} unpacks to more than {cap / 1e6:,.0f} MB")
+                raise AdapterError(
+                    f"{label}: {PurePosixPath(info.filename).name} unpacks to more than {cap / 1e6:,.2f} MB"
+                )
             out.write(chunk)
     return written
 
@@ -239,7 +303,7 @@ def read_config(path: Path, label: str) -> dict[str, Any]:
         raise AdapterError(f"{label}: {CONFIG_NAME} is over {MAX_CONFIG_BYTES / 1e6:g} MB; not an adapter config")
     try:
         config = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # bad UTF-8, bad JSON, an integer of thousands of digits
         raise AdapterError(f"{label}: {CONFIG_NAME} is not valid JSON ({one_line(error)})") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{label}: {CONFIG_NAME} must hold a JSON object")
@@ -292,7 +356,7 @@ def read_header(path: Path, label: str) -> dict[str, TensorInfo]:
             raise AdapterError(f"{label}: {WEIGHTS_NAME} is not a safetensors file (bad header length)")
         try:
             header = json.loads(file.read(length).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):
             raise AdapterError(f"{label}: {WEIGHTS_NAME} is not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{label}: {WEIGHTS_NAME} is not a safetensors file (header is not an object)")

@@ -10,8 +10,10 @@ module's alpha set so PEFT's scale (alpha / r, rsLoRA alpha / sqrt(r)) stays wha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,6 +21,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from lora_core.errors import one_line, short_repr
 from lora_core.inspect.loading import CONFIG_NAME, WEIGHTS_NAME, Adapter, AdapterError
 from lora_core.inspect.spectra import Inspection, Module, adapter_modules, factors, open_weights, spectrum
 
@@ -94,20 +97,45 @@ def _most_common(ranks: dict[str, int]) -> int:
     return int(values[counts.argmax()])
 
 
-def write_right_sized(adapter: Adapter, plan: RightSize, out_dir: Path) -> Path:
+def check_out_dir(out_dir: Path | str) -> Path:
+    """`out_dir` as a Path when the truncated adapter may go there: a new folder or an empty one,
+    never a file or a folder holding anything (another adapter, the source itself, a user's files),
+    so nothing is ever overwritten. Raises `AdapterError` in one line."""
+    if not str(out_dir).strip():
+        raise AdapterError("give a folder for the truncated adapter")
+    if "\x00" in str(out_dir):
+        raise AdapterError(f"{short_repr(str(out_dir))} cannot be a folder: it holds a NUL character")
+    out = Path(out_dir)
+    shown = short_repr(str(out_dir))
+    try:
+        out = out.expanduser()
+        if out.is_symlink() or (out.exists() and not out.is_dir()):
+            raise AdapterError(f"{shown} is a file or a link: give a new folder for the truncated adapter")
+        if out.is_dir() and any(out.iterdir()):
+            raise AdapterError(f"{shown} exists and is not empty: give a new folder for the truncated adapter")
+        parent = next(p for p in out.absolute().parents if p.exists())
+        if not parent.is_dir():
+            raise AdapterError(f"{shown} cannot be made: {short_repr(str(parent))} is a file, not a folder")
+    except AdapterError:
+        raise
+    except (OSError, ValueError, RuntimeError) as error:  # a NUL, a name too long, no such user for ~
+        raise AdapterError(f"{shown} cannot be a folder here: {_reason(error)}") from None
+    return out
+
+
+def _reason(error: BaseException) -> str:
+    return error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)
+
+
+def write_right_sized(adapter: Adapter, plan: RightSize, out_dir: Path | str) -> Path:
     """Write the truncated adapter (adapter_config.json + adapter_model.safetensors) to `out_dir`
     and return it. Tensors other than the LoRA factors (DoRA magnitudes, saved embeddings, biases)
     are copied unchanged. Modules are read one at a time, but the new file is assembled in memory
-    (it is at most the original's size). Refuses a non-empty `out_dir` that is not an adapter folder."""
+    (it is at most the original's size). `out_dir` must be new or empty (`check_out_dir`); a folder
+    that cannot be written is one `AdapterError` line, and what was half written is removed."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise AdapterError(f"{out_dir} is a file: give a folder for the truncated adapter")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / CONFIG_NAME).is_file():
-        raise AdapterError(f"{out_dir} holds other files: give an empty or new folder for the truncated adapter")
-    if out_dir.resolve() == adapter.folder.resolve():
-        raise AdapterError(f"{out_dir} is the adapter's own folder: write the truncated adapter elsewhere")
+    out = check_out_dir(out_dir)
     modules = adapter_modules(adapter)
     missing = {m.module for m in modules} - set(plan.ranks)
     if missing:
@@ -120,10 +148,26 @@ def write_right_sized(adapter: Adapter, plan: RightSize, out_dir: Path) -> Path:
                 written[key] = reader.get_tensor(key)
         for module in modules:
             written |= _truncated(module, reader, plan.ranks[module.module], adapter.label)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(written, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out_dir / CONFIG_NAME).write_text(json.dumps(right_sized_config(adapter.config, modules, plan), indent=2))
-    return out_dir
+    config = json.dumps(right_sized_config(adapter.config, modules, plan), indent=2)
+    out = check_out_dir(out)  # again: the folder may have filled while the factors were computed
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(written, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        (out / CONFIG_NAME).write_text(config)
+    except AdapterError:
+        raise
+    except (OSError, ValueError) as error:  # a read-only place, a parent that is a file, a full disk
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                with contextlib.suppress(OSError):
+                    (out / name).unlink(missing_ok=True)
+        raise AdapterError(
+            f"{short_repr(str(out_dir))}: the truncated adapter cannot be written there ({_reason(error)})"
+        ) from None
+    return out
 
 
 def _truncated(module: Module, reader, keep: int, label: str) -> dict:
@@ -135,7 +179,9 @@ def _truncated(module: Module, reader, keep: int, label: str) -> dict:
     for b, a in factors(module, reader, label):
         found = spectrum(b, a, module.scale, vectors=True)
         k = min(keep, len(found.singular))
-        root = torch.from_numpy(np.sqrt(found.singular[:k] / abs(module.scale)))
+        # alpha 0 makes every update zero: its factors are written as zeros (and alpha' stays 0), not 0 / 0.
+        rescale = 1 / abs(module.scale) if module.scale else 0.0
+        root = torch.from_numpy(np.sqrt(found.singular[:k] * rescale))
         sign = math.copysign(1.0, module.scale)  # a negative alpha keeps its sign on B
         b_k = torch.zeros(b.shape[0], keep, dtype=torch.float64)
         a_k = torch.zeros(keep, a.shape[1], dtype=torch.float64)

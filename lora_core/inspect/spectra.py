@@ -33,6 +33,10 @@ from lora_core.settings import lora_scale
 
 Kind = Literal["linear", "conv", "embedding", "experts"]
 ENERGIES = (0.9, 0.99)
+# The largest squared norm an update (or a Gram matrix of its factors) may reach: far above any
+# trained adapter's (norms near 1), far enough below float64's 1.8e308 that sums over thousands of
+# modules and r x r products stay finite.
+MAX_ENERGY = 1e200
 # The prefix PEFT's save_pretrained puts before the base model's own module names.
 SAVED_PREFIX = "base_model.model."
 # Fused expert parameters in the order transformers' expert modules define them, which is the order
@@ -142,20 +146,20 @@ def _module(adapter: Adapter, prefix: str, keys: dict[str, str]) -> Module:
     parameter = _target_parameter(name, config)
     if parameter is not None:
         kind, name = "experts", parameter
-    r = _pattern_value(config, "rank_pattern", name, config.get("r", 8))
+    r = _pattern_value(config, "rank_pattern", name, config.get("r", 8), label)
     experts = rows // r if kind == "experts" else 1
     if rows != r * experts or (kind != "experts" and rows != r):
         raise AdapterError(
             f"{label}: {CONFIG_NAME} gives {name} rank {r}, but its weights have {rows} rows: "
             "the config and the weights do not belong together"
         )
-    alpha = float(_pattern_value(config, "alpha_pattern", name, config.get("lora_alpha", 8)))
+    alpha = float(_pattern_value(config, "alpha_pattern", name, config.get("lora_alpha", 8), label))
     scale = lora_scale(r, alpha, bool(config.get("use_rslora", False)))
     magnitude = next((k for k in adapter.tensors if k.startswith(f"{prefix}.lora_magnitude_vector")), None)
     return Module(name, kind, keys["A"], keys["B"], r, alpha, scale, experts, shape, magnitude)
 
 
-def _pattern_value(config: dict, field: str, module: str, default: Any) -> Any:
+def _pattern_value(config: dict, field: str, module: str, default: Any, label: str) -> Any:
     """PEFT's own lookup (`get_pattern_key`): the first key of `config[field]` matching `module`."""
     from peft.utils.other import get_pattern_key
 
@@ -163,7 +167,7 @@ def _pattern_value(config: dict, field: str, module: str, default: Any) -> Any:
     try:
         return pattern.get(get_pattern_key(list(pattern), module), default)
     except re.error as error:
-        raise AdapterError(f"{CONFIG_NAME}: `{field}` holds an invalid pattern ({one_line(error)})") from None
+        raise AdapterError(f"{label}: {CONFIG_NAME}: `{field}` holds an invalid pattern ({one_line(error)})") from None
 
 
 def _target_parameter(name: str, config: dict) -> str | None:
@@ -207,14 +211,30 @@ def factors(module: Module, reader: Any, label: str = "adapter") -> list[tuple[A
     """`[(B, A)]` of `module`, float64: B (d_out, r), A (r, d_in); one pair per expert."""
     a = reader.get_tensor(module.a_key).double()
     b = reader.get_tensor(module.b_key).double()
-    # A float64 sum of float32 or narrower values cannot overflow: it is finite exactly when all are.
-    if not (math.isfinite(float(a.sum())) and math.isfinite(float(b.sum()))):
-        raise AdapterError(f"{label}: {module.module} holds NaN or infinite weights")
+    _check_magnitudes(module, a, b, label)
     if module.kind == "experts":
         a_e = a.reshape(module.experts, module.r, -1)  # (experts, r, d_in)
         b_e = b.reshape(b.shape[0], module.r, module.experts)  # (d_out, r, experts)
         return [(b_e[:, :, e], a_e[e]) for e in range(module.experts)]
     return [(b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1))]
+
+
+def _check_magnitudes(module: Module, a: Any, b: Any, label: str) -> None:
+    """Refuse NaN or infinite weights, and weights whose Gram matrices or squared update norm
+    would overflow float64 (|scale| ||B||_F ||A||_F bounds every singular value; the energy sums
+    square it), in one line each, before any eigen- or QR solver sees them."""
+    peak_a = float(a.abs().max()) if a.numel() else 0.0  # NaN when any weight is NaN
+    peak_b = float(b.abs().max()) if b.numel() else 0.0
+    if not (math.isfinite(peak_a) and math.isfinite(peak_b)):
+        raise AdapterError(f"{label}: {module.module} holds NaN or infinite weights")
+    norm_a, norm_b = math.sqrt(a.numel()) * peak_a, math.sqrt(b.numel()) * peak_b  # bounds of the Frobenius norms
+    bound = abs(module.scale) * norm_a * norm_b
+    largest = max(norm_a * norm_a, norm_b * norm_b, bound * bound)  # float products reach inf, never raise
+    if not largest < MAX_ENERGY:
+        raise AdapterError(
+            f"{label}: {module.module}: weights too large to analyse: scale {module.scale:.3g}, largest weight "
+            f"{max(peak_a, peak_b):.3g}; its energy would overflow float64"
+        )
 
 
 def spectrum(b: Any, a: Any, scale: float, vectors: bool = False) -> Spectrum:
