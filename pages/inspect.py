@@ -25,9 +25,10 @@ from lora_core.inspect import (
     heatmap,
     inspect_adapter,
     open_adapter,
+    open_zip,
     overall,
     plan_right_size,
-    unpack_zip,
+    prune_unpacked,
     usage,
     write_right_sized,
 )
@@ -45,13 +46,17 @@ HEATMAP_LABELS = {
     "norm": "update norm ||scale B A||_F",
 }
 ENERGY_CHOICES = [0.5, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999]
+# Unpacked zips kept under the data folder: the adapter shown and the one compared with it, for a
+# few sessions at once; older ones are removed so the folder does not grow without bound.
+KEEP_UNPACKED = 6
 
 state = page_state()
 store = run_manager().store
 st.title("Inspect")
 st.write(
     "What an adapter learned, module by module: the singular values of each update (alpha/r) B A, computed "
-    "from the r x r factors of B and A (B A itself is never formed, so a 70B adapter takes seconds). "
+    "from the r x r factors of B and A: B A itself is never formed (bench/bench_inspect.py times this "
+    "against forming it, on a Llama-2-7B-shaped r=64 adapter of 640 MB). "
     "Effective ranks say how much of the configured r the training used; Right-size writes a smaller adapter "
     "that keeps a chosen share of each update's energy; Compare measures whether two adapters learned the "
     "same directions."
@@ -80,6 +85,7 @@ def load(kind: str, value: object) -> Adapter:
     """The adapter the picker names. Local paths follow the server's policy
     ($LORA_EXPLORER_MODEL_ROOTS); uploads and zips unpack under the data folder. Raises `InputError`."""
     unpacked = store.data_dir / "inspect"
+    prune_unpacked(unpacked, KEEP_UNPACKED)
     if kind == RUN:
         if value is None:
             raise InputError("no finished run to inspect yet: pick another source")
@@ -90,8 +96,7 @@ def load(kind: str, value: object) -> Adapter:
         if value is None:
             raise InputError("choose a zip to upload first")
         upload = read_upload(UPLOAD_KEY, value)
-        folder = unpack_zip(io.BytesIO(upload.data), unpacked / upload.digest[:16], upload.name)
-        return check_adapter(folder, upload.name)
+        return open_zip(io.BytesIO(upload.data), unpacked / upload.digest[:16], upload.name)
     text = str(value or "").strip()
     if not text:
         raise InputError(f"give a {'folder or .zip path' if kind == FOLDER else 'Hub id (owner/name)'} first")
@@ -317,4 +322,9 @@ if compared:
         height=420,
     )
     st.plotly_chart(grid_figure, key="lx_inspect_phi")
-    st.caption(f"Mean phi(k, k) over modules: {pd.to_numeric(table['phi_k']).mean():.3f}")
+    mean_phi = pd.to_numeric(table["phi_k"]).mean()
+    st.caption(
+        f"Mean phi(k, k) over modules: {mean_phi:.3f}"
+        if np.isfinite(mean_phi)
+        else "Mean phi(k, k) over modules: none, no direction to compare (an update is zero)"
+    )

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +230,32 @@ def test_an_adapter_trained_by_the_app_on_the_embedded_model_is_inspected_end_to
         cli = [sys.executable, "-m", "lora_core", "inspect", f"run:{run['run_id']}", "--store", str(data), "--json"]
         report = json.loads(subprocess.run(cli, capture_output=True, text=True, env=env, check=True).stdout)
         assert len(report["modules"]) == 60 and {row["r"] for row in report["modules"]} == {8}
+
+
+def test_compare_with_an_untrained_adapter_says_there_is_no_direction(page: AppTest, planted: Path, tmp_path) -> None:
+    """B = 0 (PEFT's initialisation): phi is undefined, and the caption says why instead of 'nan'."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2
+    )
+    untrained = tmp_path / "untrained"
+    get_peft_model(LlamaForCausalLM(config), LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        untrained
+    )
+    load_folder(page, planted)
+    load_folder(page, untrained, "lx_inspect_other", "lx_inspect_compare")
+    captions = [c.value for c in page.caption]
+    assert any("no direction to compare (an update is zero)" in c for c in captions), captions
+    assert not any("nan" in c for c in captions)
+
+
+def test_a_refused_zip_leaves_nothing_in_the_data_folder(page: AppTest, planted: Path, tmp_path) -> None:
+    config = json.loads((planted / "adapter_config.json").read_text())
+    source = tmp_path / "bad.zip"
+    with zipfile.ZipFile(source, "w") as archive:
+        archive.writestr("adapter_config.json", json.dumps({**config, "peft_type": "IA3"}))
+        archive.writestr("adapter_model.safetensors", (planted / "adapter_model.safetensors").read_bytes())
+    load_folder(page, source)
+    assert len(page.error) == 1 and "only LoRA" in page.error[0].value
+    unpacked = tmp_path / "data" / "inspect"
+    assert not unpacked.exists() or not any(unpacked.iterdir())
