@@ -20,12 +20,22 @@ from lora_core.errors import one_line
 from lora_core.locking import file_lock
 
 EMBEDDED_ID = "SmolLM2-135M-Instruct (embedded)"
+EMBEDDED = "embedded"  # how runs, the CLI and the forms name the embedded model
+# The catalogue config with the embedded Instruct model's architecture and shapes: what counts,
+# estimates and advice read for it (its weights come from the GGUF file, not the Hub).
+EMBEDDED_CONFIG = "HuggingFaceTB/SmolLM2-135M"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LOCK = threading.Lock()
 
 
 class EmbeddedModelError(RuntimeError):
     """The embedded model cannot be found or loaded; the message says how to fix it."""
+
+
+def config_name(model: str) -> str:
+    """The config whose modules and shapes describe `model`: EMBEDDED_CONFIG for the embedded
+    model, the name itself for any other."""
+    return EMBEDDED_CONFIG if model == EMBEDDED else model
 
 
 def cache_root() -> Path:

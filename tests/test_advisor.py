@@ -492,3 +492,11 @@ def test_equally_near_measured_models_that_disagree_are_named_and_the_lower_rate
     assert advice.training.learning_rate == 3e-4
     assert "Equally near models disagree (Qwen/Qwen3-8B 1e-3" in advice.choice("learning_rate").rule
     _check_provenance(advice)
+
+
+def test_advise_takes_the_embedded_model_by_its_name_and_measures_with_its_tokenizer(capsys) -> None:
+    code, out, err = _advise(capsys, "--model", "embedded", "--dataset", "reverse_list", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["model"] == "HuggingFaceTB/SmolLM2-135M"  # the embedded Instruct model's config
+    assert data["case"]["seq_len_share"] == 0.95 and data["case"]["examples"] > 1000

@@ -8,6 +8,7 @@ import json
 from lora_core.advisor.advise import PRIORITIES, Advice, Case, advise, show
 from lora_core.advisor.evidence import READS, TASKS, load_evidence
 from lora_core.advisor.measure import LONGEST_QUANTILE
+from lora_core.embedded import config_name
 from lora_core.errors import InputError
 from lora_core.memory import GIB
 
@@ -21,7 +22,9 @@ def add_advise_parser(commands) -> None:
         "advise",
         help="a recommended LoRA config for a model, a dataset and a GPU, with the evidence for each choice",
     )
-    advise_parser.add_argument("--model", required=True, help="catalogue id, Hub id, model folder or config.json path")
+    advise_parser.add_argument(
+        "--model", required=True, help="'embedded', a catalogue id, Hub id, model folder or config.json path"
+    )
     advise_parser.add_argument("--task", choices=tuple(TASKS), default="sft", help="what the run teaches")
     advise_parser.add_argument("--examples", type=int, help="training examples in the dataset")
     advise_parser.add_argument("--completion-tokens", type=float, help="mean completion (target) tokens per example")
@@ -51,7 +54,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
     elif examples is None or completion is None:
         raise AdviseInputError("give --examples N and --completion-tokens T (or --dataset to measure a file)")
     case = Case(
-        args.model,
+        config_name(args.model),  # the embedded model is advised on its catalogue config
         args.task,
         examples,
         completion,

@@ -24,10 +24,10 @@ from typing import Any
 
 import pandas as pd
 
+from lora_core.embedded import config_name
 from lora_core.errors import InputError, is_int, name_problem, one_line, short_repr
 from lora_core.experiments.grid import (
     DIMENSIONS,
-    EMBEDDED_SPEC,
     Grid,
     GridError,
     Trial,
@@ -36,7 +36,7 @@ from lora_core.experiments.grid import (
 )
 from lora_core.settings import LoraSettings
 from lora_core.store import FINISHED, WORKER, Store
-from lora_core.training.config import EMBEDDED, MAX_STEPS, TrainConfig
+from lora_core.training.config import MAX_STEPS, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def plan_experiment(
     problems = base_config.problems()
     if problems:
         raise GridError(problems[0])
-    trials = expand(combined, base_settings, base_config, seeds, _spec_name(base_config.model))
+    trials = expand(combined, base_settings, base_config, seeds, config_name(base_config.model))
     label = (name or "").strip() or _default_name(combined, space, base_config)
     if problem := name_problem(label, "an experiment name"):
         raise GridError(problem)
@@ -106,10 +106,6 @@ def _default_name(grid: Grid, space: str | None, config: TrainConfig) -> str:
     varied = " x ".join(name for name in DIMENSIONS if name in grid and len(grid[name]) > 1) or "one config"
     prefix = f"{space} space" if space else varied
     return f"{prefix} on {config.dataset}"
-
-
-def _spec_name(model: str) -> str:
-    return EMBEDDED_SPEC if model == EMBEDDED else model
 
 
 def submit_experiment(
@@ -421,7 +417,7 @@ def _plan_inventory(plan: ExperimentPlan):
 
     try:
         return lora_core.inventory(
-            lora_core.resolve_model(_spec_name(plan.base_config.model), local_roots=local_model_roots())
+            lora_core.resolve_model(config_name(plan.base_config.model), local_roots=local_model_roots())
         )
     except InputError:
         return None

@@ -16,16 +16,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lora_core.embedded import config_name
 from lora_core.errors import InputError, short_repr
 from lora_core.settings import ALL_LINEAR, MAX_RANK, MAX_REGEX_CHARS, LoraSettings
 from lora_core.strategies import SEARCH_SPACES, STRATEGIES
-from lora_core.training.config import EMBEDDED, TrainConfig
+from lora_core.training.config import TrainConfig
 
 # More trials than anyone runs as "short runs" on one machine; a typo such as r=1..1000 is refused.
 MAX_TRIALS = 512
 MAX_SEEDS = 10
 # The embedded SmolLM2-135M-Instruct has the architecture and shapes of this catalogue config.
-EMBEDDED_SPEC = "HuggingFaceTB/SmolLM2-135M"
 
 # PEFT's `init_lora_weights` values a short run can use on any model: "eva" and "corda" need a
 # data pass before training, and "loftq" a quantized model, which short runs do not do.
@@ -263,7 +263,7 @@ def expand(
         raise GridError(f"{total:,} trials is more than {MAX_TRIALS}: take fewer values or seeds")
     inventory = None
     if "targets" in grid:
-        inventory = _inventory(model_spec or _spec_name(base_config.model))
+        inventory = _inventory(model_spec or config_name(base_config.model))
     names = [name for name in DIMENSIONS if name in grid]
     trials: list[Trial] = []
     for combination in itertools.product(*(grid[name] for name in names)):
@@ -368,10 +368,6 @@ def _replace(config: TrainConfig, **changes: Any) -> TrainConfig:
     import dataclasses
 
     return dataclasses.replace(config, **changes)
-
-
-def _spec_name(model: str) -> str:
-    return EMBEDDED_SPEC if model == EMBEDDED else model
 
 
 def _inventory(name: str):

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from lora_core.devices import check_device_name, pick_device, torch_dtype, train_dtype
+from lora_core.embedded import EMBEDDED
 from lora_core.errors import is_int, one_line, positive_int_problem, short_repr
 from lora_core.settings import LoraSettings
 from lora_core.training.data import check_dataset
 from lora_core.training.errors import TrainingError, TrainSetupError
 
-EMBEDDED = "embedded"
 MAX_STEPS = 100_000
 # Trackers a run can report to through Trainer's `report_to`, and the package each one needs.
 # (transformers takes tensorboard's own package or tensorboardX, which `ray[tune]` brings.)

@@ -17,6 +17,7 @@ Pages import from here. Nothing in this package imports torch: everything comput
 
 from __future__ import annotations
 
+from lora_core.embedded import EMBEDDED_CONFIG, config_name
 from pages.common.charts import add_markers, hline, vband, vline
 from pages.common.display import human, role_breakdown, show_count
 from pages.common.fields import CUSTOM, DEFAULT_MODEL, DROPOUT_MAX, R_MAX, SIDEBAR_DEFAULTS, field_problem
@@ -39,12 +40,10 @@ from pages.common.state import (
 )
 from pages.common.training import (
     DATA_SOURCES,
-    EMBEDDED_CONFIG,
     HUB,
     MODEL_SOURCES,
     UPLOAD,
     chosen_dataset,
-    config_name,
     dataset_fields,
     run_name,
     store_upload,

@@ -10,22 +10,16 @@ import streamlit as st
 
 import lora_core
 from lora_core.datasets import BUILTIN_TASKS, hub_dataset_id, parse_upload
+from lora_core.embedded import EMBEDDED, config_name
 from lora_core.errors import InputError, name_problem
 from lora_core.models import local_model_roots
 from lora_core.strategies import settings_on_model
-from lora_core.training.config import EMBEDDED
 from pages.common.state import Current, sidebar_strategy
 from pages.common.uploads import Upload, file_upload, read_upload
 
-EMBEDDED_CONFIG = "HuggingFaceTB/SmolLM2-135M"  # same architecture and shapes as the embedded Instruct model
 MODEL_SOURCES = ["Embedded SmolLM2-135M-Instruct", "Hub id or local path"]
 BUILTIN, UPLOAD, HUB = "Built-in task", "Upload JSONL/CSV", "Hub dataset id"
 DATA_SOURCES = [BUILTIN, UPLOAD, HUB]
-
-
-def config_name(model_choice: str) -> str:
-    """The name whose config (no weights) describes `model_choice`'s modules and shapes."""
-    return EMBEDDED_CONFIG if model_choice == EMBEDDED else model_choice
 
 
 def training_model(source: str, text: str) -> str:
