@@ -705,7 +705,7 @@ def test_model_config_loader_gives_a_model_or_one_line_error(payload, lora) -> N
 
 # --- 5. every CLI subcommand ------------------------------------------------------------------------
 
-SUBCOMMANDS = ("count", "catalogue", "strategies", "export", "memory", "train", "sweep", "search")
+SUBCOMMANDS = ("count", "catalogue", "strategies", "export", "memory", "train", "sweep", "search", "advise", "inspect")
 
 
 def _subparsers() -> dict:
@@ -819,6 +819,11 @@ def _valid_value_for(action, tmp: Path):
         ),
         "ray": st.just("127.0.0.1:1"),
         "seeds": st.integers(1, 3).map(str),
+        "examples": st.integers(1, 10**7).map(str),
+        "completion_tokens": st.integers(1, 4000).map(str),
+        "seq_len": st.integers(1, 2048).map(str),
+        "compare": st.just(str(tmp / FUZZ_ADAPTER)),
+        "right_size": st.floats(0.01, 0.9999).map(repr),
     }
     return by_dest.get(action.dest, st.text(st.characters(exclude_characters="\x00"), max_size=10))
 
@@ -973,6 +978,41 @@ test_cli_strategies_exits_0_or_2_with_one_line = _cli_test("strategies", 60)
 test_cli_export_exits_0_or_2_with_one_line = _cli_test("export", 150)
 test_cli_memory_exits_0_or_2_with_one_line = _cli_test("memory", 150)
 test_cli_search_exits_0_or_2_with_one_line = _cli_test("search", 25)
+test_cli_advise_exits_0_or_2_with_one_line = _cli_test("advise", 40)
+
+FUZZ_ADAPTER = "fuzz-adapter"  # a tiny trained-shape adapter in the sandbox, for `inspect`
+
+
+def _fuzz_adapter(root: Path) -> Path:
+    folder = root / FUZZ_ADAPTER
+    if not (folder / "adapter_model.safetensors").exists():
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+        model = get_peft_model(
+            LlamaForCausalLM(config), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+        )
+        model.save_pretrained(folder)
+    return folder
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_cli_inspect_exits_0_or_2_with_one_line(_sandbox, data) -> None:
+    """`inspect` on a real adapter or hostile sources, with generated flags (never --out: the
+    fuzz writes nothing): exit 0, or 2 with one `error:` line."""
+    adapter = str(_fuzz_adapter(_sandbox.root))
+    hostile = st.sampled_from(["run:abc", "run:-1", "run:99999", "/dev/zero", "/", "nobody/adapter", "", "~nobody/x"])
+    source = data.draw(mostly(st.just(adapter), st.one_of(hostile, _argv_text()), hostile_percent=30), label="source")
+    flags = data.draw(cli_argv("inspect", _sandbox.root), label="flags")[1:]
+    argv = ["inspect", source, *flags] if not source.startswith("-") else ["inspect", *flags, "--", source]
+    with hang_guard(f"main({show(argv)})"):
+        code, out, err = run_cli(argv)
+    event(f"exit {code}")
+    assert_cli_contract(argv, code, out, err)
 
 
 # Each makes `train` bad input, to be refused before a run exists.
