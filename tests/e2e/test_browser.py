@@ -240,6 +240,9 @@ def test_the_advisor_follows_its_form_and_applies_to_the_sidebar(server, page) -
     page.screenshot(path=str(SHOTS / "advisor.png"), full_page=True)
     page.get_by_role("button", name="Apply to the sidebar").click()
     wait_idle(page)
+    from playwright.sync_api import expect
+
+    # Apply parks the values and reruns: the slider shows them once that second run has drawn
     thumb = page.locator("[data-testid='stSidebar'] [data-testid='stSliderThumbValue']").first
-    assert thumb.inner_text().strip() == str(expected.settings.r)
-    assert re.search(rf"[?&]r={expected.settings.r}(&|$)", page.url)  # the link carries the applied config
+    expect(thumb).to_have_text(str(expected.settings.r), timeout=60_000)
+    page.wait_for_function(f"() => /[?&]r={expected.settings.r}(&|$)/.test(location.search)", timeout=60_000)
