@@ -13,7 +13,7 @@ from pathlib import PurePosixPath
 
 import streamlit as st
 
-from lora_core.datasets import MAX_UPLOAD_BYTES
+from lora_core.datasets import MAX_UPLOAD_BYTES, UPLOAD_SUFFIXES
 from lora_core.errors import InputError
 from lora_core.models import MAX_CONFIG_BYTES
 from pages.common.text import printable
@@ -35,15 +35,16 @@ class UploadRule:
         return math.ceil(self.max_bytes / 2**20)
 
 
+DATASET_UPLOAD = UploadRule("a JSONL or CSV dataset", MAX_UPLOAD_BYTES, UPLOAD_SUFFIXES)
 # Every uploader in the app, by widget key (`file_upload` refuses a key missing here). The largest
 # cap is also the server's (.streamlit/config.toml `server.maxUploadSize`, checked by a test).
 UPLOADS = {
     "lx_upload": UploadRule("a config.json", MAX_CONFIG_BYTES, (".json",)),
     "lx_import_upload": UploadRule("an adapter_config.json", IMPORT_MAX_BYTES, (".json",)),
-    "lx_train_upload": UploadRule("a JSONL or CSV dataset", MAX_UPLOAD_BYTES, (".jsonl", ".json", ".csv")),
-    "lx_exp_upload": UploadRule("a JSONL or CSV dataset", MAX_UPLOAD_BYTES, (".jsonl", ".json", ".csv")),
-    "lx_adv_upload": UploadRule("a JSONL or CSV dataset", MAX_UPLOAD_BYTES, (".jsonl", ".json", ".csv")),
-    "lx_advv_upload": UploadRule("a JSONL or CSV dataset", MAX_UPLOAD_BYTES, (".jsonl", ".json", ".csv")),
+    "lx_train_upload": DATASET_UPLOAD,
+    "lx_exp_upload": DATASET_UPLOAD,
+    "lx_adv_upload": DATASET_UPLOAD,
+    "lx_advv_upload": DATASET_UPLOAD,
     "lx_inspect_upload": UploadRule("an adapter zip", MAX_UPLOAD_BYTES, (".zip",)),
 }
 
