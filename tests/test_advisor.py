@@ -500,3 +500,13 @@ def test_advise_takes_the_embedded_model_by_its_name_and_measures_with_its_token
     data = json.loads(out)
     assert data["model"] == "HuggingFaceTB/SmolLM2-135M"  # the embedded Instruct model's config
     assert data["case"]["seq_len_share"] == 0.95 and data["case"]["examples"] > 1000
+
+
+def test_an_80b_moe_gets_its_familys_rate_no_dropout_on_fused_experts_and_an_honest_does_not_fit() -> None:
+    model = str(Path(__file__).parent / "fixtures" / "Qwen__Qwen3-Next-80B-A3B.config.json")
+    advice = advise(Case(model, examples=50_000, completion_tokens=400.0, prompt_tokens=200.0, gpu_gib=80.0))
+    assert 75e9 < advice.count.all_params - advice.count.trainable_params < 85e9
+    assert advice.training.learning_rate == 1e-3 and "Qwen/Qwen3-30B-A3B" in advice.choice("learning_rate").rule
+    assert advice.settings.lora_dropout == 0 and "PEFT refuses dropout" in advice.choice("lora_dropout").rule
+    assert not advice.fits and "it fits none of the common GPU sizes" in advice.choice("memory").rule
+    _check_provenance(advice)

@@ -626,13 +626,12 @@ def _billions(params_b: float) -> str:
     return f"{params_b:.3g}"
 
 
+# model_type -> the cookbook table's family, so a model's nearest measured relative is preferred
 _FAMILIES = {
     "llama": "llama",
-    "qwen2": "qwen",
-    "qwen3": "qwen",
-    "qwen3_moe": "qwen",
-    "qwen2_moe": "qwen",
+    **dict.fromkeys(("qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe"), "qwen"),
     "gpt_oss": "gpt_oss",
+    **dict.fromkeys(("deepseek_v3", "deepseek_v32"), "deepseek"),
 }
 
 
