@@ -510,3 +510,16 @@ def test_an_80b_moe_gets_its_familys_rate_no_dropout_on_fused_experts_and_an_hon
     assert advice.settings.lora_dropout == 0 and "PEFT refuses dropout" in advice.choice("lora_dropout").rule
     assert not advice.fits and "it fits none of the common GPU sizes" in advice.choice("memory").rule
     _check_provenance(advice)
+
+
+def test_an_moe_that_fits_no_gpu_with_its_experts_adapted_is_offered_them_frozen() -> None:
+    adapted = advise(Case("mistralai/Mixtral-8x7B-v0.1", examples=50_000, completion_tokens=400.0, gpu_gib=141.0))
+    assert adapted.choice("targets").value == "All linear" and adapted.fits
+    frozen = advise(Case("mistralai/Mixtral-8x7B-v0.1", examples=50_000, completion_tokens=400.0, gpu_gib=90.0))
+    assert frozen.fits and frozen.choice("targets").value == "All attention"
+    assert "Experts frozen" in frozen.choice("targets").rule and "shard the model" in frozen.choice("targets").rule
+    assert frozen.count.trainable_params < adapted.count.trainable_params
+    _check_provenance(frozen)
+    # frozen fused experts still stay bf16 under bitsandbytes: an 80B MoE fits no 80 GiB GPU either way
+    model = str(Path(__file__).parent / "fixtures" / "Qwen__Qwen3-Next-80B-A3B.config.json")
+    assert advise(Case(model, examples=50_000, gpu_gib=80.0)).choice("targets").value == "All linear"

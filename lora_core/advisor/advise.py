@@ -271,11 +271,29 @@ def advise(case: Case, evidence: Evidence | None = None) -> Advice:
         raise AdviceError("; ".join(problems))
     ev = evidence if evidence is not None else load_evidence()
     inv = as_inventory(case.model)
+    advice = _recommend(inv, case, ev, STRATEGY_ORDER)
+    if not advice.fits and inv.facts.get("experts"):
+        # an MoE whose adapted experts fit no GPU here: freezing them is the change that may fit one
+        frozen = _recommend(inv, case, ev, ("All attention",), instead_of=advice)
+        if frozen.fits:
+            return frozen
+    return advice
+
+
+# The widest target strategy that maps onto a model comes first.
+STRATEGY_ORDER = ("All linear", "FFN only", "All attention", "Q,V")
+
+
+def _recommend(
+    inv: Inventory, case: Case, ev: Evidence, strategies: tuple[str, ...], instead_of: Advice | None = None
+) -> Advice:
+    """The advice with the first of `strategies` that maps onto the model; `instead_of` is the
+    advice it replaces (an MoE with its experts adapted that fits no GPU here)."""
     book = _Ledger(ev)
     params_b = inv.total_params / 1e9
     warnings: list[str] = []
 
-    targets, settings = _targets(inv, case, book)
+    targets, settings = _targets(inv, case, book, strategies, instead_of)
     rank, r = _rank(inv, settings, case, book, warnings)
     settings = settings.replace(r=r)
     alpha, settings = _alpha(settings, case, book)
@@ -327,9 +345,11 @@ def advise(case: Case, evidence: Evidence | None = None) -> Advice:
     )
 
 
-def _targets(inv: Inventory, case: Case, book: _Ledger) -> tuple[Choice, LoraSettings]:
+def _targets(
+    inv: Inventory, case: Case, book: _Ledger, strategies: tuple[str, ...], instead_of: Advice | None
+) -> tuple[Choice, LoraSettings]:
     chosen = None
-    for strategy in ("All linear", "FFN only", "All attention", "Q,V"):
+    for strategy in strategies:
         try:
             chosen = resolve_strategy(inv, strategy)
             break
@@ -344,8 +364,17 @@ def _targets(inv: Inventory, case: Case, book: _Ledger) -> tuple[Choice, LoraSet
         f"matched parameter count, and in PEFT's benchmark MLP-only LoRA scored {mlp}% against {qv}% for q,v "
         "with about the same parameters."
     )
-    if chosen.strategy != "All linear":
+    if chosen.strategy != "All linear" and instead_of is None:
         rule = f"This model has no layers for 'All linear'; {chosen.strategy} is the widest strategy that maps."
+    if instead_of is not None:
+        need = instead_of.estimate.required_bytes / GIB
+        rule = (
+            f"Experts frozen, attention adapted: with its experts adapted this MoE needs "
+            f"{book.engine(need, 'estimated GiB with experts adapted', f'{need:.1f}')} GiB even with QLoRA, more "
+            f"than your {book.given(case.gpu_gib, 'gpu_gib')} GiB, and freezing them is the change that fits. It "
+            "goes against the evidence that LoRA on the MLP and MoE layers matters most: to keep them adapted, "
+            "shard the model over several GPUs."
+        )
     alternatives = (
         Alternative(
             "FFN only", "the same evidence, fewer parameters: when the adapter must stay small", ("peft-lora-mlp-r10",)
