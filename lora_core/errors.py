@@ -6,6 +6,7 @@ Every message is one line that says what to change. Callers (the CLI, the pages)
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from typing import TypeGuard
 
@@ -42,6 +43,11 @@ def short_repr(value: object, limit: int = 60) -> str:
 def is_int(value: object) -> TypeGuard[int]:
     """An int that is not a bool (JSON and widgets hand over `True` where a count was meant)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> TypeGuard[int | float]:
+    """A finite int or float that is not a bool: what every numeric field of the engine takes."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def positive_int_problem(name: str, value: object, limit: int | None = None) -> str | None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
-from lora_core.errors import InputError, is_int, one_line, positive_int_problem, short_repr
+from lora_core.errors import InputError, is_int, is_number, one_line, positive_int_problem, short_repr
 from lora_core.options import BIASES, Bias, choice_problem
 
 if TYPE_CHECKING:
@@ -148,9 +148,9 @@ class LoraSettings:
             return found
         if problem := positive_int_problem("r", self.r, MAX_RANK):
             found.append(problem)
-        if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
+        if not is_number(self.lora_alpha) or self.lora_alpha <= 0:
             found.append(f"`lora_alpha` must be > 0, got {self.lora_alpha!r}")
-        if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+        if not is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             found.append(f"`lora_dropout` must be in [0, 1), got {self.lora_dropout!r}")
         if problem := choice_problem("bias", self.bias, BIASES):
             found.append(problem)
@@ -158,7 +158,7 @@ class LoraSettings:
             if problem := positive_int_problem(f"rank_pattern[{short_repr(key)}]", value, MAX_RANK):
                 found.append(problem)
         for key, alpha in self.alpha_pattern.items():
-            if not _is_number(alpha) or alpha <= 0:
+            if not is_number(alpha) or alpha <= 0:
                 found.append(f"`alpha_pattern[{short_repr(key)}]` must be > 0, got {short_repr(alpha)}")
         found += _regex_problems(self)
         if isinstance(self.target_modules, tuple) and not self.target_modules and not self.target_parameters:
@@ -374,7 +374,7 @@ def _type_problems(kwargs: Mapping[str, Any]) -> list[str]:
     if "r" in kwargs and not is_int(kwargs["r"]):  # its range is `problems()`' business
         problems.append(f"`r` must be a positive integer, got {short_repr(kwargs['r'])}")
     for name in ("lora_alpha", "lora_dropout"):
-        if name in kwargs and not _is_number(kwargs[name]):
+        if name in kwargs and not is_number(kwargs[name]):
             problems.append(f"`{name}` must be a finite number, got {short_repr(kwargs[name])}")
     for name in ("use_rslora", "use_dora", "lora_bias"):
         if name in kwargs and not isinstance(kwargs[name], bool):
@@ -501,7 +501,3 @@ def _is_json(value: Any) -> bool:
     except (TypeError, ValueError, RecursionError):
         return False
     return True
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

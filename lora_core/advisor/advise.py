@@ -17,7 +17,7 @@ from typing import Any
 
 from lora_core.advisor.evidence import TASKS, Claim, Evidence, load_evidence
 from lora_core.counting import CountResult, count_lora_params
-from lora_core.errors import InputError, is_int, short_repr
+from lora_core.errors import InputError, is_int, is_number, short_repr
 from lora_core.memory import GIB, GPUS_GIB, MAX_SEQ_LEN, MemoryEstimate, TrainSetup, estimate_memory, largest_fitting
 from lora_core.models import Inventory, as_inventory
 from lora_core.settings import LoraSettings, LoraSettingsError
@@ -26,7 +26,7 @@ from lora_core.strategies import STRATEGIES, StrategyError, resolve_strategy
 PRIORITIES = {"quality": "the best result", "speed": "the shortest run", "memory": "the smallest GPU footprint"}
 MAX_EXAMPLES = 10**10
 MAX_TOKENS_PER_EXAMPLE = MAX_SEQ_LEN
-MAX_GPU_GIB = 4096.0
+MIN_GPU_GIB, MAX_GPU_GIB = 1e-3, 4096.0
 NOTABLE_RATIO = 1.5  # a case this close to a claim's conditions is called "as measured"
 SEQ_ROUNDING = 64  # sequences are padded to a multiple of this (tensor-core friendly, and what tokenizers pad to)
 
@@ -65,23 +65,17 @@ class Case:
             )
         for name, low in (("completion_tokens", 1.0), ("prompt_tokens", 0.0)):
             value = getattr(self, name)
-            if not _number_in(value, low, MAX_TOKENS_PER_EXAMPLE):
+            if not (is_number(value) and low <= value <= MAX_TOKENS_PER_EXAMPLE):
                 found.append(
                     f"`{name}` must be a number from {low:g} to {MAX_TOKENS_PER_EXAMPLE:,}, got {short_repr(value)}"
                 )
-        if not _number_in(self.gpu_gib, 1e-3, MAX_GPU_GIB) or self.gpu_gib <= 0:
+        if not (is_number(self.gpu_gib) and MIN_GPU_GIB <= self.gpu_gib <= MAX_GPU_GIB):
             found.append(
-                f"`gpu_gib` must be a number of GiB above 0 and up to {MAX_GPU_GIB:g}, got {short_repr(self.gpu_gib)}"
+                f"`gpu_gib` must be a number of GiB from {MIN_GPU_GIB:g} to {MAX_GPU_GIB:g}, got {short_repr(self.gpu_gib)}"
             )
         if self.seq_len is not None and not (is_int(self.seq_len) and 1 <= self.seq_len <= MAX_SEQ_LEN):
             found.append(f"`seq_len` must be a whole number from 1 to {MAX_SEQ_LEN:,}, got {short_repr(self.seq_len)}")
         return found
-
-
-def _number_in(value: object, low: float, high: float) -> bool:
-    return (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high
-    )
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,12 @@ advisor shows can be traced back to a claim (or to the engine that computed it).
 from __future__ import annotations
 
 import functools
-import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_core.errors import InputError
+from lora_core.errors import InputError, is_number
 
 EVIDENCE_FILE = Path(__file__).with_name("evidence.toml")
 TASKS = {
@@ -122,21 +121,17 @@ def _claim(raw: dict[str, Any], index: int) -> Claim:
     numbers: dict[str, Number] = {}
     for key, value in raw.get("numbers", {}).items():
         values = value if isinstance(value, list) else [value]
-        if not values or not all(_finite(v) for v in values):
+        if not values or not all(is_number(v) for v in values):
             raise EvidenceError(f"{where}: number `{key}` must be a finite number or a list of them")
         numbers[key] = tuple(values) if isinstance(value, list) else value
     table = tuple(raw.get("lr_by_model", ()))
     for row in table:
-        if not (isinstance(row.get("model"), str) and _finite(row.get("lr")) and _finite(row.get("params_b"))):
+        if not (isinstance(row.get("model"), str) and is_number(row.get("lr")) and is_number(row.get("params_b"))):
             raise EvidenceError(f"{where}: every lr_by_model row needs `model`, `lr` and `params_b`")
     cells = tuple(raw.get("cells", ()))
     for row in cells:
-        if not all(isinstance(v, bool) or _finite(v) for v in row.values()):
+        if not all(isinstance(v, bool) or is_number(v) for v in row.values()):
             raise EvidenceError(f"{where}: every cell holds finite numbers or true/false")
     return Claim(
         raw["id"], raw["says"], raw["read"], raw["source"], raw["ref"], raw["conditions"], scope, numbers, table, cells
     )
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
