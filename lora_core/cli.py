@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -564,7 +565,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         0 if experiment.get("status") == "completed" and not (table["status"] != "completed").any() else EXIT_RUN_FAILED
     )
     if args.json:
-        print(json.dumps(_sweep_json(store, experiment_id, experiment, table), default=_json_default))
+        print(json_text(_sweep_json(store, experiment_id, experiment, table)))
         return code
     _print_sweep(table)
     return code
@@ -622,15 +623,33 @@ def _sweep_json(store, experiment_id: int, experiment: dict, table) -> dict:
     }
 
 
-def _json_default(value: Any) -> Any:
-    """numpy and pandas scalars as plain JSON numbers; NaN (a missing value) as null."""
-    import math
+def json_text(data: Any, indent: int | None = None) -> str:
+    """`data` as strict JSON: numpy and pandas scalars as plain numbers, and NaN, infinity and
+    pandas' NA (a missing value) as null. `json.dumps` never hands a plain float to `default`,
+    so non-finite floats are replaced first; `allow_nan=False` guards the rule."""
+    return json.dumps(_finite(data), indent=indent, default=_json_default, allow_nan=False)
 
-    if hasattr(value, "item"):
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    if hasattr(value, "item") and not hasattr(value, "__len__"):  # a numpy scalar
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _json_default(value: Any) -> Any:
+    import pandas as pd
+
+    if value is pd.NA:
+        return None
+    if hasattr(value, "item"):
+        return _finite(value.item())
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _print_sweep(table) -> None:

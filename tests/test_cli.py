@@ -198,3 +198,21 @@ def test_an_internal_bug_is_not_reported_as_bad_input(capsys, monkeypatch) -> No
     monkeypatch.setattr(lora_core.strategies, "compare_strategies", broken)
     with pytest.raises(ValueError, match="an internal bug"):
         main(["strategies", "--model", "facebook/opt-125m"])
+
+
+def test_json_output_is_strict_json_whatever_the_numbers() -> None:
+    """json.dumps writes a plain NaN float as `NaN` without asking `default`; every --json goes
+    through json_text, which writes null for NaN, infinity and pandas' NA."""
+    import numpy as np
+    import pandas as pd
+
+    from lora_core.cli import json_text
+
+    data = {"a": float("nan"), "b": [np.float64("inf"), np.int64(3), pd.NA], "c": (1.5, -np.inf), "d": "x"}
+    text = json_text(data)
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in {text}")) == {
+        "a": None,
+        "b": [None, 3, None],
+        "c": [1.5, None],
+        "d": "x",
+    }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from lora_core.advisor.advise import PRIORITIES, Advice, Case, advise, show
 from lora_core.advisor.evidence import READS, TASKS, load_evidence
@@ -42,6 +41,8 @@ def add_advise_parser(commands) -> None:
 
 
 def cmd_advise(args: argparse.Namespace) -> int:
+    from lora_core.cli import json_text
+
     examples, completion, prompt, seq_len = args.examples, args.completion_tokens, args.prompt_tokens, args.seq_len
     share = None
     if args.dataset is not None:
@@ -65,7 +66,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
         share,
     )
     advice = advise(case)
-    print(json.dumps(advice.to_json(), indent=2) if args.json else "\n".join(advice_lines(advice)))
+    print(json_text(advice.to_json(), indent=2) if args.json else "\n".join(advice_lines(advice)))
     return 0
 
 

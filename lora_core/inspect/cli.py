@@ -7,15 +7,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
+from lora_core.cli import json_text
 from lora_core.errors import InputError
 from lora_core.inspect.loading import Adapter, open_adapter
 from lora_core.inspect.spectra import Inspection, energy_column, inspect_adapter
@@ -89,7 +86,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             if out is not None:
                 report["right_size"]["out"] = str(write_right_sized(adapter, plan, out))
     if args.json:
-        print(json.dumps(_finite(report), indent=2, default=_json_default, allow_nan=False))
+        print(json_text(report, indent=2))
     else:
         print(_text(report, inspection))
     return 0
@@ -109,29 +106,6 @@ def _report(adapter: Adapter, inspection: Inspection) -> dict[str, Any]:
         "by_type": usage(inspection, "type").to_dict("records"),
         "by_layer": usage(inspection, "layer").to_dict("records"),
     }
-
-
-def _finite(value: Any) -> Any:
-    """`value` with every NaN or infinite float (nested in dicts and lists) as None: JSON has no
-    NaN, and a comparison with a zero update has no similarity to report."""
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    if isinstance(value, float | np.floating) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _json_default(value: Any) -> Any:
-    """numpy scalars as plain numbers; NaN (a missing value) as null."""
-    if value is pd.NA:
-        return None
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _text(report: dict[str, Any], inspection: Inspection) -> str:
