@@ -717,12 +717,9 @@ def _seq_len(inv: Inventory, case: Case, book: _Ledger, warnings: list[str]) -> 
 
 
 def _causal_lm(inv: Inventory) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from lora_core.training.config import is_causal_lm
 
-    # the training code's rule: a causal model type, and architectures (when named) that generate
-    architectures = inv.spec.config.get("architectures") or []
-    generates = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    return inv.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (generates or not architectures)
+    return is_causal_lm(inv.model_type, inv.spec.config.get("architectures") or [])
 
 
 def context_length(inv: Inventory) -> int | None:

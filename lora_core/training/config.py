@@ -3,6 +3,7 @@ it starts: its fields, its device, its dataset and its model."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,6 @@ def causal_lm_config(name: str):
     Raises `TrainSetupError` when its config cannot be found or it is not a causal LM. The
     embedded model is converted here if it has not been yet."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from lora_core.embedded import EmbeddedModelError, ensure_embedded
     from lora_core.models import hub_reachable
@@ -115,11 +115,18 @@ def causal_lm_config(name: str):
     except Exception as error:  # transformers raises many types for a missing or broken config
         hint = " (the Hub is unreachable and it is not in the local cache)" if offline else ""
         raise TrainSetupError(f"model {name!r} could not be loaded{hint}: {one_line(error)}") from None
-    architectures = getattr(config, "architectures", None) or []
-    causal_names = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (architectures and not causal_names):
+    if not is_causal_lm(config.model_type, getattr(config, "architectures", None) or []):
         raise TrainSetupError(f"model {name!r} ({config.model_type}) is not a causal language model: pick a decoder LM")
     return path, config, local or offline
+
+
+def is_causal_lm(model_type: str, architectures: Sequence[str]) -> bool:
+    """A model type transformers builds as a causal LM, whose architectures (when the config names
+    any) generate: BERT's type has a causal head too, but a BertForMaskedLM config is no decoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    generates = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (generates or not architectures)
 
 
 def load_model_and_tokenizer(name: str, device: str):
