@@ -231,10 +231,6 @@ class _Ledger:
         assert value in self.claim_list(claim_id, key)
         return self._add(value, f"claim:{claim_id}:{key}")
 
-    def claim_value_listed(self, claim_id: str, key: str, value: float) -> float:
-        assert value in self.claim_list(claim_id, key)
-        return value
-
     def cell(self, claim_id: str, cell: dict[str, Any], key: str) -> str:
         """A number of one cell of a claim's `cells` table."""
         return self._add(cell[key], f"cell:{claim_id}:{cell['rank']}:{cell['samples']}:{key}")
@@ -297,13 +293,11 @@ def _recommend(
     lr_choice, lr = _learning_rate(inv, params_b, case, book)
     seq_len, seq_choice = _seq_len(inv, case, book, warnings)
     epochs_choice, epochs = _epochs(case, book)
-    fit_choice, setup, micro, fits = _fit(inv, settings, seq_len, case, book)
-    effective = int(book.claim_value("app-batch", "effective_batch"))
-    accumulation = max(1, math.ceil(effective / micro))
+    count = count_lora_params(inv, settings)
+    fit_choice, estimate, accumulation, fits = _fit(inv, settings, count, seq_len, case, book)
+    setup, micro = estimate.setup, estimate.setup.batch_size
     steps = max(1, math.ceil(case.examples * epochs / (micro * accumulation)))
     method = _method(book)
-    count = count_lora_params(inv, settings)
-    estimate = estimate_memory(inv, settings, setup, count)
     decided = (targets, rank, alpha, rslora, dropout, lr_choice, epochs_choice, seq_choice, fit_choice, method)
     choices = tuple(
         replace(
@@ -531,7 +525,7 @@ def _dropout(
     theirs = book.engine(cell_ratio(nearest[0]), "study cell: targets per parameter", _ratio(cell_ratio(nearest[0])))
     cells = ", ".join(f"r={book.cell(study.id, c, 'rank')} n={book.cell(study.id, c, 'samples')}" for c in nearest)
     gain = book.cell_percent(study.id, top, "gain")
-    size, qlora = _qlora_row(params_b, book, "dropout_by_size")
+    size, qlora, qlora_rate = _qlora_row(params_b, book, "dropout_by_size")
     benchmarks = Alternative(
         book.claim("no-dropout-benchmarks", "dropout"),
         "what PEFT's benchmark and Tinker train with (no comparison with other rates)",
@@ -545,7 +539,7 @@ def _dropout(
     )
     helps = len(clear) * 2 > len(nearest)
     alternatives: tuple[Alternative, ...]
-    if helps and _refuses_dropout(inv, settings.replace(lora_dropout=float(qlora))):
+    if helps and _refuses_dropout(inv, settings.replace(lora_dropout=qlora_rate)):
         dropout = book.claim_value("no-dropout-benchmarks", "dropout")
         rule = (
             f"{book.claim('no-dropout-benchmarks', 'dropout')}: PEFT refuses dropout on the fused expert parameters "
@@ -553,7 +547,7 @@ def _dropout(
         )
         alternatives = ()
     elif helps:
-        dropout = book.claim_value_listed("qlora-scripts", "dropout_by_size", float(qlora))
+        dropout = qlora_rate
         low = book.cell(study.id, min(clear, key=lambda c: c["best_rate"]), "best_rate")
         high = book.cell(study.id, max(clear, key=lambda c: c["best_rate"]), "best_rate")
         rates = f"{low}" if low == high else f"{low} to {high}"
@@ -600,7 +594,7 @@ def _learning_rate(inv: Inventory, params_b: float, case: Case, book: _Ledger) -
         rule = (
             f"{lr_text}: the cookbook's best LoRA learning rate for {row['model']} "
             f"({book.table('tm-lr-table', row, 'params_b')}B parameters), the nearest model it measured to this one "
-            f"({book.engine(params_b, 'model parameters in billions', _billions(params_b))}B); the cookbook itself "
+            f"({book.engine(params_b, 'model parameters in billions', _ratio(params_b))}B); the cookbook itself "
             "refuses to extrapolate, so verify it."
         )
         others = [other for other in rows[1:] if other["lr"] != row["lr"]]
@@ -612,7 +606,7 @@ def _learning_rate(inv: Inventory, params_b: float, case: Case, book: _Ledger) -
         f"in the cookbook's code; older docs said {book.claim('tm-lr-factor-text', 'old_docs_low')}-"
         f"{book.claim('tm-lr-factor-text', 'old_docs_high')}x."
     )
-    size, qlora_lr = _qlora_row(params_b, book, "lr_by_size")
+    size, qlora_lr, _ = _qlora_row(params_b, book, "lr_by_size")
     factor = book.claim_value("tm-lr-factor-text", "short_run_factor") / book.claim_value(
         "tm-lr-factor-text", "lora_over_full_lr"
     )
@@ -635,18 +629,13 @@ def _learning_rate(inv: Inventory, params_b: float, case: Case, book: _Ledger) -
     return Choice("learning_rate", lr_text, rule, claims, (), alternatives), lr
 
 
-def _qlora_row(params_b: float, book: _Ledger, key: str) -> tuple[str, str]:
-    """(size, value) texts of the QLoRA script nearest in model size to `params_b`."""
+def _qlora_row(params_b: float, book: _Ledger, key: str) -> tuple[str, str, float]:
+    """The QLoRA script nearest in model size to `params_b`: its size and its `key` as shown,
+    and that value."""
     sizes = book.claim_list("qlora-scripts", "sizes_b")
     index = min(range(len(sizes)), key=lambda i: abs(math.log(sizes[i] / max(params_b, 1e-3))))
-    return (
-        book.listed("qlora-scripts", "sizes_b", sizes[index]),
-        book.listed("qlora-scripts", key, book.claim_list("qlora-scripts", key)[index]),
-    )
-
-
-def _billions(params_b: float) -> str:
-    return f"{params_b:.3g}"
+    value = book.claim_list("qlora-scripts", key)[index]
+    return book.listed("qlora-scripts", "sizes_b", sizes[index]), book.listed("qlora-scripts", key, value), value
 
 
 # model_type -> the cookbook table's family, so a model's nearest measured relative is preferred
@@ -751,11 +740,13 @@ def _epochs(case: Case, book: _Ledger) -> tuple[Choice, int]:
 
 
 def _fit(
-    inv: Inventory, settings: LoraSettings, seq_len: int, case: Case, book: _Ledger
-) -> tuple[Choice, TrainSetup, int, bool]:
+    inv: Inventory, settings: LoraSettings, count: CountResult, seq_len: int, case: Case, book: _Ledger
+) -> tuple[Choice, MemoryEstimate, int, bool]:
     """The first setup, in the order of what it costs the run, where a micro-batch fits the GPU:
     bf16, then gradient checkpointing, then QLoRA (NF4) with checkpointing; with memory first,
-    QLoRA with checkpointing at micro-batch 1 straight away."""
+    QLoRA with checkpointing at micro-batch 1 straight away. Returns the choice, the estimate of
+    the setup chosen (the lightest tried when none fits), the gradient accumulation and whether
+    it fits."""
     effective = int(book.claim_value("app-batch", "effective_batch"))
     base = TrainSetup(batch_size=1, seq_len=seq_len, dtype="bf16", device="cuda")
     ladder = [
@@ -765,19 +756,18 @@ def _fit(
     ]
     if case.priority == "memory":
         ladder = ladder[-1:]
-    count = count_lora_params(inv, settings)
     gpu = book.given(case.gpu_gib, "gpu_gib")
     tried: list[str] = []
     for label, setup in ladder:
         if case.priority == "memory":
-            micro = 1 if estimate_memory(inv, settings, setup, count).fits(case.gpu_gib) else 0
+            micro = 1
         else:
             fitting = largest_fitting(inv, settings, setup, case.gpu_gib, "batch_size", effective, count)
             # a divisor of the effective batch, so micro-batch x accumulation is exactly it
-            micro = max((d for d in range(1, fitting + 1) if effective % d == 0), default=0)
-        if micro:
-            setup = replace(setup, batch_size=micro)
-            need = estimate_memory(inv, settings, setup, count).required_bytes / GIB
+            micro = max((d for d in range(1, fitting + 1) if effective % d == 0), default=1)
+        estimate = estimate_memory(inv, settings, replace(setup, batch_size=micro), count)
+        need = estimate.required_bytes / GIB
+        if estimate.fits(case.gpu_gib):
             accumulation = max(1, math.ceil(effective / micro))
             rule = (
                 f"Fits on your {gpu} GiB GPU: {label}, micro-batch {book.engine(micro, 'largest micro-batch that fits')} x "
@@ -798,12 +788,10 @@ def _fit(
                 )
             claims = ("app-batch", "tm-batch-penalty") + (("qlora-scripts",) if "QLoRA" in label else ())
             value = f"{label}, micro-batch {show(micro)} x {show(accumulation)}"
-            return Choice("memory", value, rule, claims, (), alternatives), setup, micro, True
-        need = estimate_memory(inv, settings, setup, count).required_bytes / GIB
+            return Choice("memory", value, rule, claims, (), alternatives), estimate, accumulation, True
         tried.append(f"{label} at micro-batch 1 needs {book.engine(need, 'estimated GiB', f'{need:.1f}')} GiB")
-    label, setup = ladder[-1]
-    lightest = estimate_memory(inv, settings, setup, count)
-    smallest = next((gib for gib in GPUS_GIB if lightest.fits(gib)), None)
+    label = ladder[-1][0]
+    smallest = next((gib for gib in GPUS_GIB if estimate.fits(gib)), None)  # the lightest: the last tried
     where = (
         f"the smallest common GPU it fits is {book.engine(smallest, 'smallest fitting GPU size')} GiB"
         if smallest
@@ -813,7 +801,8 @@ def _fit(
     alternatives = (
         Alternative("several GPUs", "shard the model (FSDP, DeepSpeed ZeRO): not estimated here", ("app-batch",)),
     )
-    return Choice("memory", "does not fit", rule, ("app-batch", "qlora-scripts"), (), alternatives), setup, 1, False
+    choice = Choice("memory", "does not fit", rule, ("app-batch", "qlora-scripts"), (), alternatives)
+    return choice, estimate, effective, False  # at micro-batch 1, the whole effective batch is accumulated
 
 
 def _method(book: _Ledger) -> Choice:
