@@ -11,7 +11,7 @@ import numpy as np
 from lora_core.datasets import IGNORE_INDEX, Dataset, DatasetError, tokenize_examples
 from lora_core.errors import one_line
 from lora_core.memory import MAX_SEQ_LEN
-from lora_core.training.config import EMBEDDED, TrainSetupError, causal_lm_config
+from lora_core.training.config import EMBEDDED, TrainSetupError, causal_lm_config, pretrained_tokenizer
 
 LONGEST_QUANTILE = 0.95  # the sequence length covers this share of examples; the rest are truncated
 
@@ -33,13 +33,9 @@ class DatasetMeasure:
 def load_tokenizer(model: str):
     """The tokenizer of a local causal LM folder, a Hub id (online) or "embedded". Raises
     `TrainSetupError` when there is none."""
-    from transformers import AutoTokenizer
-
     path, _, local_only = causal_lm_config(model)
     try:
-        # False, not the default None: with None transformers asks on stdin whether to run a
-        # folder's own tokenizer code, and a "y" (or a piped answer) would run it
-        return AutoTokenizer.from_pretrained(path, local_files_only=local_only, trust_remote_code=False)
+        return pretrained_tokenizer(path, local_only)
     except Exception as error:  # transformers raises many types for a missing or broken tokenizer
         raise TrainSetupError(f"model {model!r} has no loadable tokenizer: {one_line(error)}") from None
 

@@ -129,11 +129,18 @@ def is_causal_lm(model_type: str, architectures: Sequence[str]) -> bool:
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (generates or not architectures)
 
 
+def pretrained_tokenizer(path: str, local_only: bool):
+    """The tokenizer at `path` (from `causal_lm_config`), never running the folder's own code."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=local_only, trust_remote_code=False)
+
+
 def load_model_and_tokenizer(name: str, device: str):
     """The base causal LM, in `devices.train_dtype(device)`, and its tokenizer, set to pad on the
     right with its EOS token when it has no pad token. Raises `TrainSetupError` for a model that
     is not a causal LM and `TrainingError` for one whose weights cannot be loaded."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path, _, local_only = causal_lm_config(name)
     try:
@@ -142,7 +149,7 @@ def load_model_and_tokenizer(name: str, device: str):
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype(train_dtype(device)), local_files_only=local_only, trust_remote_code=False
         )
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only, trust_remote_code=False)
+        tokenizer = pretrained_tokenizer(path, local_only)
     except Exception as error:  # as above: any loading failure becomes the run's one-line reason
         raise TrainingError(f"model {name!r} could not be loaded ({one_line(error)})") from None
     if tokenizer.pad_token is None:
