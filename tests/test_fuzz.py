@@ -1049,18 +1049,23 @@ TRAIN_INVALID = [
 @fuzz(150)
 @given(data=st.data(), invalid=st.sampled_from(TRAIN_INVALID))
 def test_cli_train_with_bad_input_exits_2_before_a_run_exists(_sandbox, data, invalid) -> None:
-    out_dir = _fresh_dir(_sandbox.root)
-    argv = data.draw(cli_argv("train", _sandbox.root), label="argv")
+    _refused_before_anything(_sandbox, data, "train", invalid)
+
+
+def _refused_before_anything(sandbox, data, command: str, invalid: list[str]) -> None:
+    """`command` with generated flags plus one `invalid` item: exit 2 with one line, nothing
+    trained, and no run or experiment in its store."""
+    out_dir = _fresh_dir(sandbox.root)
+    argv = data.draw(cli_argv(command, sandbox.root), label="argv")
     argv += [*invalid, "--out", str(out_dir)]
     with hang_guard(f"main({show(argv)})"):
         code, out, err = run_cli(argv)
-    assert not _sandbox.reached, f"{argv!r} reached training"
+    assert not sandbox.reached, f"{argv!r} reached training"
     assert_cli_contract(argv, code, out, err, allowed=(2,))
-    store = out_dir / "runs.sqlite"
-    if store.exists():
+    if (out_dir / "runs.sqlite").exists():
         from lora_core.store import Store
 
-        assert Store(out_dir).runs().empty, f"{argv!r} created a run"
+        assert Store(out_dir).experiments().empty and Store(out_dir).runs().empty, f"{argv!r} created a record"
 
 
 # Each makes `sweep` bad input, to be refused before an experiment exists.
@@ -1090,17 +1095,7 @@ SWEEP_INVALID = [
 @fuzz(100)
 @given(data=st.data(), invalid=st.sampled_from(SWEEP_INVALID))
 def test_cli_sweep_with_bad_input_exits_2_before_an_experiment_exists(_sandbox, data, invalid) -> None:
-    out_dir = _fresh_dir(_sandbox.root)
-    argv = data.draw(cli_argv("sweep", _sandbox.root), label="argv")
-    argv += [*invalid, "--out", str(out_dir)]
-    with hang_guard(f"main({show(argv)})"):
-        code, out, err = run_cli(argv)
-    assert not _sandbox.reached, f"{argv!r} reached training"
-    assert_cli_contract(argv, code, out, err, allowed=(2,))
-    if (out_dir / "runs.sqlite").exists():
-        from lora_core.store import Store
-
-        assert Store(out_dir).experiments().empty and Store(out_dir).runs().empty, f"{argv!r} created an experiment"
+    _refused_before_anything(_sandbox, data, "sweep", invalid)
 
 
 @pytest.mark.parametrize("cut", [0, 100])
