@@ -142,12 +142,18 @@ def test_compare_with_itself_is_similarity_one(page: AppTest, planted: Path) -> 
     assert array(phi["z"]).shape == (8, 8)
 
 
+# A '../' name that reaches a real file from wherever the tests run: a fixed "../../etc/passwd"
+# exists from /work/main but not from a deeper checkout such as CI's, where it read "no such folder".
+UP_TO_PASSWD = os.path.relpath("/etc/passwd")
+assert UP_TO_PASSWD.startswith("../")
+
+
 @pytest.mark.parametrize(
     ("value", "words"),
     [
         ("/no/such/adapter", "no such folder or zip"),
         ("someone/adapter", "the Hub is unreachable"),
-        ("../../etc/passwd", "not a zip"),
+        (UP_TO_PASSWD, "not a zip"),
         ("a" * 5000, "not a path"),
     ],
 )
