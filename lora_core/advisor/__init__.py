@@ -1,20 +1,10 @@
 """The advisor: a recommended LoRA config with the evidence for each choice (`advise`), and the
 evidence itself as data (`evidence.toml`, read by `load_evidence`)."""
 
-from lora_core.advisor.advise import (
-    PRIORITIES,
-    Advice,
-    AdviceError,
-    Alternative,
-    Case,
-    Choice,
-    Figure,
-    Training,
-    advise,
-    numbers_in,
-    show,
-)
+from lora_core.advisor.advice import PRIORITIES, Advice, AdviceError, Alternative, Case, Choice, Training
+from lora_core.advisor.advise import advise
 from lora_core.advisor.evidence import READS, TASKS, Claim, Evidence, EvidenceError, load_evidence
+from lora_core.advisor.figures import Figure, numbers_in, show
 
 __all__ = [
     "PRIORITIES",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from lora_core.advisor.advise import PRIORITIES, Advice, Case, advise, show
+from lora_core.advisor.advice import PRIORITIES, Advice, Case
+from lora_core.advisor.advise import advise
 from lora_core.advisor.evidence import READS, TASKS, load_evidence
+from lora_core.advisor.figures import show
 from lora_core.advisor.measure import LONGEST_QUANTILE
 from lora_core.embedded import config_name
 from lora_core.errors import InputError

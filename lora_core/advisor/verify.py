@@ -7,8 +7,9 @@ from dataclasses import replace
 
 import pandas as pd
 
-from lora_core.advisor.advise import Advice, show
+from lora_core.advisor.advice import Advice
 from lora_core.advisor.evidence import load_evidence
+from lora_core.advisor.figures import show
 from lora_core.experiments import ExperimentPlan, plan_experiment
 from lora_core.training.config import TrainConfig
 
