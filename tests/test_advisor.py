@@ -22,6 +22,7 @@ from lora_core.memory import GIB, GPUS_GIB, estimate_memory
 from lora_core.training.data import load_dataset
 
 EVIDENCE = load_evidence()
+ROOT = Path(__file__).resolve().parents[1]
 CASES = [
     Case("HuggingFaceTB/SmolLM2-135M", "sft", 2000, 100.0, 50.0, 24.0, "quality"),
     Case("meta-llama/Meta-Llama-3-8B", "sft", 100_000, 300.0, 200.0, 24.0, "quality"),
@@ -51,6 +52,11 @@ def test_every_claim_says_what_was_read_and_where_it_comes_from() -> None:
                 or re.search(r"/blob/[0-9a-f]{40}/", claim.ref)
                 or (claim.read == "secondary")
             ), claim.id
+        if claim.read in ("app", "convention"):  # a file of this repository, and the function it names
+            path, _, name = claim.ref.partition(": ")
+            source = ROOT / path
+            assert source.is_file(), (claim.id, claim.ref)
+            assert not name or f"def {name.removesuffix('()')}(" in source.read_text(), (claim.id, claim.ref)
 
 
 def test_the_sources_the_issue_names_are_all_there() -> None:
