@@ -213,7 +213,7 @@ def test_asha_needs_an_evaluation_before_the_last_step(tiny_model, tmp_path) -> 
 def test_a_missing_experiment_or_ray_is_one_line(tmp_path, monkeypatch) -> None:
     with pytest.raises(InputError, match="no experiment 7"):
         ray_tune.run_on_ray(Store.open(tmp_path), 7)
-    monkeypatch.setattr(ray_tune, "_TuneCallback", object)
+    monkeypatch.setattr(ray_tune, "TuneCallback", object)
     with pytest.raises(InputError, match=r'^Ray is not installed: pip install "ray\[tune\]"$'):
         ray_tune.require_ray()
 

@@ -2,8 +2,9 @@
 what they learn, their size, memory and time.
 
 `grid` parses and expands grids (and the article's search spaces) into trials; `engine` plans,
-submits, runs (locally) and reads back experiments; `ray_tune` runs their trials on a Ray cluster.
-Importing this package imports neither torch nor transformers.
+submits, runs (locally) and reads back experiments; `ray_tune` runs their trials on a Ray cluster
+(the Tune trainable, callback and stopper are `ray_trials`); `cli` is the `sweep` subcommand.
+Importing this package imports neither torch nor transformers, nor Ray.
 """
 
 from __future__ import annotations
