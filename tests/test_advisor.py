@@ -67,6 +67,30 @@ def test_the_sources_the_issue_names_are_all_there() -> None:
     assert {"article-rank-bands", "article-dropout", "article-scenarios"} <= set(EVIDENCE.claims)
 
 
+def test_the_pissa_and_dora_papers_numbers_are_there_as_read_with_their_references() -> None:
+    """The variants' own reported gains, pinned to what their sources say: PiSSA's abstract, DoRA's
+    authors' result table, PiSSA's released scripts, and PEFT's same-day re-run and DoRA page."""
+    pissa, dora = EVIDENCE["pissa-paper"], EVIDENCE["dora-paper"]
+    assert pissa.ref == "arXiv:2404.02948" and pissa.read == "abstract"
+    assert "arXiv:2402.09353" in dora.source and dora.read == "primary"
+    assert re.search(r"github\.com/NVlabs/DoRA/blob/[0-9a-f]{40}/commonsense_reasoning/README\.md$", dora.ref)
+    assert (pissa.numbers["pissa_pct"], pissa.numbers["lora_pct"], pissa.numbers["gain_points"]) == (72.86, 67.7, 5.16)
+    assert (dora.numbers["llama3_8b_dora_pct"], dora.numbers["llama3_8b_lora_pct"], dora.numbers["r"]) == (
+        85.2,
+        80.8,
+        32,
+    )
+    assert (dora.numbers["lora_lr"], dora.numbers["dora_lr_low"], dora.numbers["dora_lr_high"]) == (3e-4, 1e-4, 2e-4)
+    scripts = EVIDENCE["pissa-scripts"]
+    assert re.search(r"github\.com/GraphPKU/PiSSA/blob/[0-9a-f]{40}/scripts/", scripts.ref)
+    assert scripts.numbers["lr"] == 2e-5
+    rerun = EVIDENCE["peft-dora-rerun"]
+    assert (rerun.numbers["dora_pct"], rerun.numbers["lora_pct"]) == (46.93, 47.84)
+    assert (rerun.numbers["dora_train_s"], rerun.numbers["lora_train_s"]) == (1191, 942)
+    assert EVIDENCE.number("peft-dora-overhead", "time_pct") == 139
+    assert "/blob/" in EVIDENCE["peft-pissa-init"].ref and "pissa" in EVIDENCE["peft-pissa-init"].says
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -150,6 +174,26 @@ def test_the_provenance_check_catches_a_number_written_into_a_rule(advices) -> N
 
 
 # --- the rules ---------------------------------------------------------------------------------
+
+
+def test_the_method_stays_lora_and_shows_dora_and_pissa_with_their_gains_costs_and_the_counter_evidence(
+    advices,
+) -> None:
+    for advice in advices:
+        method = advice.choice("method")
+        assert method.value == "LoRA"
+        assert {"lr-matters", "dora-paper", "pissa-paper", "peft-dora-rerun"} <= set(method.claims)
+        assert "46.9% vs 47.8%" in method.rule and "49.4% vs 48.2%" in method.rule
+        dora = next(a for a in method.alternatives if a.value.startswith("DoRA"))
+        pissa = next(a for a in method.alternatives if a.value.startswith("PiSSA"))
+        assert set(dora.claims) == {"dora-paper", "peft-dora-rerun", "peft-dora-overhead", "lr-matters"}
+        assert set(pissa.claims) == {"pissa-paper", "pissa-scripts", "peft-pissa-init", "lr-matters"}
+        # the paper's gain, the learning rates it was measured at, then the cost: 1,191 s / 942 s is 26% more
+        assert "85.2% vs LoRA's 80.8%" in dora.when and "LoRA at 3e-4 for every rank" in dora.when
+        assert "26% more training time" in dora.when and "139% more inference time until merged" in dora.when
+        assert "72.9% vs LoRA's 67.7%" in pissa.when and "both at one learning rate, 2e-5" in pissa.when
+        assert "SVD of every adapted weight" in pissa.when and "rewrites the base weights" in pissa.when
+        _check_provenance(advice)
 
 
 def test_the_count_and_the_memory_are_the_engines_own(advices) -> None:
