@@ -38,7 +38,6 @@ from lora_core.experiments.cli import add_sweep_parser
 from lora_core.export import FORMATS
 from lora_core.strategies import SEARCH_SPACES
 from lora_core.training.cli import add_train_parser
-from lora_core.training.cli import print_progress as _print_progress  # noqa: F401  tests/test_store.py's import
 
 # Still importable from here since `train` and `sweep` moved out (the advisor, the inspector, tests).
 __all__ = [

@@ -350,7 +350,7 @@ def test_null_store_answers_like_an_empty_store(tmp_path) -> None:
 
 
 def test_cli_progress_runs_on_a_null_store() -> None:
-    from lora_core.cli import _print_progress
+    from lora_core.training.cli import print_progress
 
     stop, reads, store = threading.Event(), [], NullStore()
     empty = store.metrics
@@ -364,7 +364,7 @@ def test_cli_progress_runs_on_a_null_store() -> None:
     safety = threading.Timer(30, stop.set)
     safety.start()
     try:
-        _print_progress(store, 0, 10, stop)
+        print_progress(store, 0, 10, stop)
     finally:
         safety.cancel()
     assert reads == [[0]]
