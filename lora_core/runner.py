@@ -168,13 +168,16 @@ def worker_main(data_dir: str, parent_pid: int, ready_file: str) -> None:
 
 def _drive_on_ray(store: Store, experiment: dict) -> None:
     """Run a Ray experiment's trials through Ray Tune from this worker (the driver), at the
-    address its spec names; a driver that cannot start fails the trials with the reason."""
+    address its spec names, with ASHA early stopping when its spec asks (an experiment stored
+    before the page offered ASHA has no `asha`: off); a driver that cannot start fails the
+    trials with the reason."""
     from lora_core.errors import one_line
 
+    spec = experiment["spec"]
     try:
         from lora_core.experiments.ray_tune import run_on_ray
 
-        run_on_ray(store, int(experiment["id"]), experiment["spec"].get("ray_address") or "auto")
+        run_on_ray(store, int(experiment["id"]), spec.get("ray_address") or "auto", asha=bool(spec.get("asha", False)))
     except Exception as error:  # a missing ray, an unreachable cluster: the trials say why
         reason = f"Ray: {one_line(error)}"
         for run_id in store.experiment_runs(int(experiment["id"]))["id"]:
