@@ -11,6 +11,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from lora_core.devices import pick_device, train_dtype
@@ -166,7 +167,10 @@ def _train(
             base_models.clear()
         raise
     try:
-        return _train_adapter(store, run_id, config, cancel, device, peft_model, tokenizer, (train, evaluation), sizes)
+        with _tracker_runs(config.report_to):
+            return _train_adapter(
+                store, run_id, config, cancel, device, peft_model, tokenizer, (train, evaluation), sizes
+            )
     finally:
         if base_models is not None:
             if trains_base_tensors(peft_config):
@@ -294,6 +298,46 @@ def _tensorboard(store: RunWriter, run_id: int, config: TrainConfig) -> list:
     callback = TensorBoardCallback()
     callback.logging_dir = callback.logging_dir or str(store.data_dir / "tensorboard" / f"run-{run_id}")
     return [callback]
+
+
+@contextlib.contextmanager
+def _tracker_runs(report_to: tuple[str, ...]) -> Iterator[None]:
+    """End the MLflow and W&B runs that a run's Trainer opened, however the run ends ("FAILED" /
+    exit code 1 on an exception), so the next run in this process (an experiment's next trial, the
+    worker's next job) opens its own: transformers' W&B callback never finishes its run, and its
+    MLflow callback ends its run only when training returns. A tracker run open before (the
+    caller's own) is left open."""
+    before = _tracker_run_ids(report_to)
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        for name, tracker_run in _tracker_run_ids(report_to).items():
+            if tracker_run is not None and tracker_run != before[name]:
+                if name == "mlflow":
+                    import mlflow
+
+                    mlflow.end_run("FAILED" if failed else "FINISHED")
+                else:
+                    import wandb
+
+                    wandb.finish(exit_code=int(failed))
+
+
+def _tracker_run_ids(report_to: tuple[str, ...]) -> dict[str, str | None]:
+    """The id of the MLflow and W&B run open in this process, for those of `report_to`."""
+    ids: dict[str, str | None] = {}
+    if "mlflow" in report_to:
+        import mlflow
+
+        active = mlflow.active_run()
+        ids["mlflow"] = active.info.run_id if active else None
+    if "wandb" in report_to:
+        import wandb
+
+        ids["wandb"] = wandb.run.id if wandb.run else None
+    return ids
 
 
 def _loraplus_optimizer(peft_model, config: TrainConfig):
