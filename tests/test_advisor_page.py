@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from lora_core.advisor import Case, advise
+from lora_core.advisor import Case, advise, show
 from lora_core.advisor.verify import verify_grid
 from lora_core.runner import RunManager
 from lora_core.store import Store
@@ -182,3 +182,86 @@ def test_verify_trains_on_the_users_upload_at_the_chosen_length(page: AppTest, d
     configs = [json.loads(c) if isinstance(c, str) else c for c in runs["config"]]
     assert {c["seq_len"] for c in configs} == {64}
     assert all(c["dataset"].startswith(f"upload:{data_dir / 'uploads'}/") for c in configs)
+
+
+# --- a finished Verify: its trials completed in the store as training writes them ---------------
+
+
+def finish(store: Store, run_id: int, eval_loss: float) -> None:
+    """Complete a queued run as `run_training` does: running, an eval point, then the final losses."""
+    store.update_run(run_id, status="running", started=1000.0 + run_id, device="cpu")
+    store.add_metric(run_id, "eval", 2, loss=eval_loss, tokens=1024, elapsed=1.0)
+    store.update_run(
+        run_id, status="completed", final_train_loss=eval_loss + 0.1, final_eval_loss=eval_loss,
+        peak_memory_mb=500.0, finished=1005.0 + run_id,
+    )  # fmt: skip
+
+
+def repeat(store: Store, run: dict, eval_loss: float) -> None:
+    """A second seed of a trial (as Verify with repeats would queue), completed at `eval_loss`."""
+    config = {**run["config"], "seed": 1}
+    trial = {**run["trial"], "values": {**run["trial"]["values"], "seed": 1}}
+    run_id = store.create_run(
+        run["name"] + " seed=1", run["model"], run["dataset"], run["settings"], config,
+        experiment_id=run["experiment_id"], trial=trial,
+    )  # fmt: skip
+    finish(store, run_id, eval_loss)
+
+
+def verdict_and_ranking(at: AppTest) -> tuple[str, list[tuple[int, float, str]]]:
+    """The verdict line under the experiment's status, and the ranking as (r, lr, verdict) rows."""
+    at.run()
+    assert not at.exception, at.exception
+    texts = [m.value for m in at.markdown]
+    status = texts.index("Experiment 1: **completed**")
+    table = next(d.value for d in at.dataframe if "verdict" in d.value.columns)
+    return texts[status + 1], list(zip(table["r"], table["lr"], table["verdict"], strict=True))
+
+
+def test_a_finished_verify_shows_the_verdict_on_the_advice_and_the_ranking(page: AppTest, data_dir: Path) -> None:
+    advice = advise(Case(model_of(page), examples=2000))
+    r, lr = advice.settings.r, advice.training.learning_rate
+    page.number_input(key="lx_adv_steps").set_value(2)
+    page.button(key="lx_adv_verify").click().run()
+    store = Store.open(data_dir)
+    runs = [store.run(int(run_id)) for run_id in store.experiment_runs(1)["id"]]
+    values = [run["trial"]["values"] for run in runs]
+    ranks = sorted({v["r"] for v in values})
+    advised = min(range(len(runs)), key=lambda i: (values[i]["r"] != r, abs(values[i]["lr"] - lr)))
+    bigger = ranks[ranks.index(r) + 1]
+    neighbour = next(i for i, v in enumerate(values) if v["r"] == bigger and v["lr"] == values[advised]["lr"])
+    # the advice 1.0; the rest further off the more they differ from it
+    for i, run in enumerate(runs):
+        gap = abs(ranks.index(values[i]["r"]) - ranks.index(r)) + abs(values[i]["lr"] - lr) / lr
+        finish(store, run["id"], 1.0 + 0.1 * gap)
+    verdict, ranking = verdict_and_ranking(page)
+    assert verdict == f"The advised config (r={r}) has the lowest eval loss of the {len(runs)} configs tried."
+    assert ranking[0] == (r, values[advised]["lr"], "best") and len(ranking) == len(runs)
+    assert {row[2] for row in ranking[1:]} == {"no seed spread"}
+
+    store.update_run(runs[neighbour]["id"], final_eval_loss=0.8)  # one seed: could be noise
+    where = f"r={bigger}, lr={show(values[neighbour]['lr'])}"
+    verdict, ranking = verdict_and_ranking(page)
+    assert verdict == (
+        f"{where} beat the advised config by 0.2000 eval loss, with one seed each: repeat with seeds to tell it "
+        "from noise."
+    )
+    assert ranking[:2] == [(bigger, values[neighbour]["lr"], "best"), (r, values[advised]["lr"], "no seed spread")]
+
+    # second seeds: the neighbour 0.80 and 0.82 (mean 0.81), the advice 1.00 and 1.01 (1.005), a gap
+    # of 0.195, more than either spread (0.02, 0.01)
+    repeat(store, runs[neighbour], 0.82)
+    repeat(store, runs[advised], 1.01)
+    verdict, ranking = verdict_and_ranking(page)
+    assert (
+        verdict == f"{where} beat the advised config by 0.1950 eval loss, more than the seeds' spread: prefer it here."
+    )
+    assert ranking[:2] == [(bigger, values[neighbour]["lr"], "best"), (r, values[advised]["lr"], "worse")]
+
+    # the neighbour's second seed at 1.10 instead: mean 0.95, spread 0.30, wider than the gap of 0.055
+    seed_1 = store.experiment_runs(1).iloc[-2]
+    assert json.loads(seed_1["trial"])["values"] == {**values[neighbour], "seed": 1}
+    store.update_run(int(seed_1["id"]), final_eval_loss=1.10)
+    verdict, ranking = verdict_and_ranking(page)
+    assert verdict == f"The advised config is within seed noise of the best ({where}): 0.0550 higher eval loss."
+    assert ranking[:2] == [(bigger, values[neighbour]["lr"], "best"), (r, values[advised]["lr"], "not significant")]
