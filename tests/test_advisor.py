@@ -196,6 +196,54 @@ def test_the_method_stays_lora_and_shows_dora_and_pissa_with_their_gains_costs_a
         _check_provenance(advice)
 
 
+def test_the_targets_rule_quotes_peft_s_rerun_then_the_earlier_files_next_to_the_test_sets_standard_error(
+    advices,
+) -> None:
+    """PEFT's MLP-only vs q,v comparison as read in its result files: the re-run (51c2ff66) first, then the
+    earlier files, the gap shrinking from 4.4 to 1.6 points; the standard error is the binomial one of an
+    accuracy over GSM8K's 1,319 test questions, which the files' accuracies are whole counts of."""
+    rerun, mlp, qv = EVIDENCE["peft-targets-rerun"], EVIDENCE["peft-lora-mlp-r10"], EVIDENCE["peft-lora-qv-r32"]
+    assert rerun.read == "primary" and "/blob/51c2ff666b142d004c12609c9686cf17ca055751/method_comparison/" in rerun.ref
+    assert (rerun.numbers["mlp_pct"], rerun.numbers["qv_pct"]) == (49.43, 47.84)
+    assert (rerun.numbers["mlp_params"], rerun.numbers["qv_params"]) == (9_461_760, 9_175_040)
+    assert (rerun.numbers["mlp_r"], rerun.numbers["qv_r"], rerun.numbers["test_questions"]) == (10, 32, 1319)
+    assert (mlp.numbers["accuracy_pct"], qv.numbers["accuracy_pct"]) == (52.62, 48.22)
+    assert (mlp.numbers["trainable_params"], qv.numbers["trainable_params"]) == (9_461_760, 9_175_040)
+    n = rerun.numbers["test_questions"]
+    for pct in (49.43, 47.84, 52.62, 48.22, rerun.numbers["between_mlp_pct"], rerun.numbers["between_qv_pct"]):
+        assert abs(pct / 100 * n - round(pct / 100 * n)) <= n * 0.005 / 100, pct  # k of n, shown to 2 decimals
+    se, gap = 100 * math.sqrt(0.4943 * (1 - 0.4943) / 1319), 49.43 - 47.84
+    assert f"{se:.1f}" == "1.4" and gap < 2 * se
+    for advice in advices:
+        targets = advice.choice("targets")
+        assert {"tm-all-layers", "peft-targets-rerun", "peft-lora-mlp-r10", "peft-lora-qv-r32"} <= set(targets.claims)
+        if targets.value != "All linear":
+            continue
+        rule = targets.rule
+        assert (
+            "re-run MLP-only LoRA (r=10, 9,461,760 parameters) scored 49.4% against 47.8% for q,v (r=32, 9,175,040)"
+            in rule
+        )
+        assert "earlier result files gave 52.6% against 48.2%" in rule and rule.index("49.4%") < rule.index("52.6%")
+        assert "the size did not: 1.6 points in the re-run against 4.4 before, one seed each" in rule
+        assert "GSM8K's 1,319 test questions is 1.4 points, so the re-run alone does not separate the two." in rule
+        _check_provenance(advice)
+
+
+@pytest.mark.parametrize(
+    ("mlp_pct", "says"),
+    [
+        (52.0, "so the gap is beyond that noise"),
+        (47.0, "MLP-only did not lead in every version, so only the first reason stands"),
+    ],
+)
+def test_the_targets_rules_verdict_follows_the_rerun_in_the_file(tmp_path, mlp_pct, says) -> None:
+    edited = tmp_path / "evidence.toml"
+    edited.write_text(EVIDENCE_FILE.read_text().replace("mlp_pct = 49.43,", f"mlp_pct = {mlp_pct},", 1))
+    rule = advise(CASES[0], load_evidence(edited)).choice("targets").rule
+    assert says in rule and "does not separate" not in rule
+
+
 def test_the_count_and_the_memory_are_the_engines_own(advices) -> None:
     for advice in advices:
         assert advice.count.trainable_params == count_lora_params(advice.case.model, advice.settings).trainable_params
