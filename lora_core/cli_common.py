@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from lora_core import options
 from lora_core.errors import one_line
-from lora_core.training.config import TRACKERS
+from lora_core.training.trackers import TRACKERS
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1

@@ -32,7 +32,8 @@ from lora_core.experiments import (
 from lora_core.models import local_model_roots
 from lora_core.store import ACTIVE, WORKER
 from lora_core.strategies import SEARCH_SPACES, STRATEGIES
-from lora_core.training.config import TRACKERS, TrainConfig
+from lora_core.training.config import TrainConfig
+from lora_core.training.trackers import TRACKERS
 from pages.common import (
     MODEL_SOURCES,
     chosen_dataset,

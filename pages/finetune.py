@@ -15,7 +15,7 @@ from lora_core.adapters import adapter_zip, effective_ranks
 from lora_core.errors import InputError
 from lora_core.store import ACTIVE
 from lora_core.training import EMBEDDED, TrainConfig, memory_setup
-from lora_core.training.config import TRACKERS
+from lora_core.training.trackers import TRACKERS
 from pages.common import (
     MODEL_SOURCES,
     chosen_dataset,

@@ -122,7 +122,7 @@ def test_a_dataset_upload_is_checked_like_the_fine_tune_pages(page: AppTest, dat
 
 
 def test_a_tracker_that_is_not_installed_is_refused_in_one_line(page: AppTest, data_dir: Path, monkeypatch) -> None:
-    # wandb is installed for the tracker tests: hide it from the engine's check (config.tracker_problems)
+    # wandb is installed for the tracker tests: hide it from the engine's check (training.trackers.tracker_problems)
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
     page.multiselect(key="lx_exp_report").set_value(["wandb"])

@@ -111,7 +111,7 @@ def test_start_without_a_model_path_explains(page: AppTest) -> None:
 def test_a_tracker_that_is_not_installed_is_named_before_a_run(page: AppTest, monkeypatch) -> None:
     import importlib.util
 
-    # wandb is installed for the tracker tests: hide it from the engine's check (config.tracker_problems)
+    # wandb is installed for the tracker tests: hide it from the engine's check (training.trackers.tracker_problems)
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
     page.multiselect(key="lx_train_report_to").set_value(["wandb"])

@@ -14,11 +14,11 @@ from lora_core.errors import is_int, one_line, positive_int_problem, short_repr
 from lora_core.settings import LoraSettings
 from lora_core.training.data import check_dataset
 from lora_core.training.errors import TrainingError, TrainSetupError
+from lora_core.training.trackers import tracker_problems
 
 MAX_STEPS = 100_000
 # Trackers a run can report to through Trainer's `report_to`, and the package each one needs.
 # (transformers takes tensorboard's own package or tensorboardX, which `ray[tune]` brings.)
-TRACKERS = {"mlflow": ("mlflow",), "tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
 
 
 @dataclass(frozen=True)
@@ -71,21 +71,6 @@ class TrainConfig:
             found.append(f"`loraplus_ratio` must be from 1 to 1024 (or None), got {short_repr(self.loraplus_ratio)}")
         found += tracker_problems(self.report_to)
         return found
-
-
-def tracker_problems(report_to: Any) -> list[str]:
-    """What stops a run from reporting to `report_to`: an unknown tracker or one not installed."""
-    if not isinstance(report_to, tuple) or not all(isinstance(name, str) for name in report_to):
-        return [f"`report_to` must list tracker names, got {short_repr(report_to)}"]
-    import importlib.util
-
-    found = []
-    for name in report_to:
-        if name not in TRACKERS:
-            found.append(f"`report_to`: unknown tracker {short_repr(name)}; use {', '.join(TRACKERS)}")
-        elif not any(importlib.util.find_spec(package) for package in TRACKERS[name]):
-            found.append(f"`report_to`: {name} needs the {TRACKERS[name][0]} package: pip install {TRACKERS[name][0]}")
-    return found
 
 
 def causal_lm_config(name: str):

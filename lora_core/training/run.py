@@ -11,7 +11,6 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from lora_core.devices import pick_device, train_dtype
@@ -22,6 +21,7 @@ from lora_core.training.config import TrainConfig, load_model_and_tokenizer
 from lora_core.training.data import collator, load_dataset
 from lora_core.training.errors import TrainingError
 from lora_core.training.memory import eval_batch_size, peak_memory_mb, reset_peak_memory, run_memory_estimate_mb
+from lora_core.training.trackers import tensorboard_callbacks, tracker_runs
 
 
 @dataclass
@@ -167,7 +167,7 @@ def _train(
             base_models.clear()
         raise
     try:
-        with _tracker_runs(config.report_to):
+        with tracker_runs(config.report_to):
             return _train_adapter(
                 store, run_id, config, cancel, device, peft_model, tokenizer, (train, evaluation), sizes
             )
@@ -258,7 +258,7 @@ def _train_adapter(
             train_dataset=train,
             eval_dataset=evaluation,
             data_collator=collator(tokenizer),
-            callbacks=[callback, *_tensorboard(store, run_id, config)],
+            callbacks=[callback, *tensorboard_callbacks(store, run_id, config.report_to)],
             optimizers=(_loraplus_optimizer(peft_model, config), None),
         )
         for noisy in (PrinterCallback, ProgressCallback):
@@ -286,58 +286,6 @@ def _train_adapter(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return _finish(store, run_id, peft_model, callback, cancel, trainable, device)
-
-
-def _tensorboard(store: RunWriter, run_id: int, config: TrainConfig) -> list:
-    """Trainer's TensorBoard callback writing to $TENSORBOARD_LOGGING_DIR or the data dir's
-    tensorboard/run-<id> (its default, under the run's scratch folder, is deleted when it ends)."""
-    if "tensorboard" not in config.report_to:
-        return []
-    from transformers.integrations import TensorBoardCallback
-
-    callback = TensorBoardCallback()
-    callback.logging_dir = callback.logging_dir or str(store.data_dir / "tensorboard" / f"run-{run_id}")
-    return [callback]
-
-
-@contextlib.contextmanager
-def _tracker_runs(report_to: tuple[str, ...]) -> Iterator[None]:
-    """End the MLflow and W&B runs that a run's Trainer opened, however the run ends ("FAILED" /
-    exit code 1 on an exception), so the next run in this process (an experiment's next trial, the
-    worker's next job) opens its own: transformers' W&B callback never finishes its run, and its
-    MLflow callback ends its run only when training returns. A tracker run open before (the
-    caller's own) is left open."""
-    before = _tracker_run_ids(report_to)
-    failed = True
-    try:
-        yield
-        failed = False
-    finally:
-        for name, tracker_run in _tracker_run_ids(report_to).items():
-            if tracker_run is not None and tracker_run != before[name]:
-                if name == "mlflow":
-                    import mlflow
-
-                    mlflow.end_run("FAILED" if failed else "FINISHED")
-                else:
-                    import wandb
-
-                    wandb.finish(exit_code=int(failed))
-
-
-def _tracker_run_ids(report_to: tuple[str, ...]) -> dict[str, str | None]:
-    """The id of the MLflow and W&B run open in this process, for those of `report_to`."""
-    ids: dict[str, str | None] = {}
-    if "mlflow" in report_to:
-        import mlflow
-
-        active = mlflow.active_run()
-        ids["mlflow"] = active.info.run_id if active else None
-    if "wandb" in report_to:
-        import wandb
-
-        ids["wandb"] = wandb.run.id if wandb.run else None
-    return ids
 
 
 def _loraplus_optimizer(peft_model, config: TrainConfig):
@@ -375,7 +323,7 @@ def _training_arguments(config: TrainConfig, device: str, output_dir: str, run_i
         eval_strategy="steps",
         eval_steps=config.eval_every,
         save_strategy="no",
-        report_to=[name for name in config.report_to if name != "tensorboard"],  # that one: _tensorboard
+        report_to=[name for name in config.report_to if name != "tensorboard"],  # that one: tensorboard_callbacks
         run_name=f"run-{run_id}",
         disable_tqdm=True,
         seed=config.seed,
