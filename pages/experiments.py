@@ -156,6 +156,11 @@ with st.form("lx_exp_form"):
     name_text = col1.text_input("Experiment name (optional)", key="lx_exp_name")
     runner = col2.radio("Train on", [LOCAL, RAY], key="lx_exp_runner")
     ray_text = col3.text_input("Ray address", placeholder="auto, or ray://host:10001", key="lx_exp_ray")
+    asha = col3.checkbox(
+        "ASHA early stopping (on eval loss)", key="lx_exp_asha",
+        help="on a Ray cluster: trials whose eval loss falls behind stop early (ASHA: at the first evaluation, "
+        "then at twice as many steps each time, half of the trials go on); needs Eval every below Steps",
+    )  # fmt: skip
     report_to = col4.multiselect("Report to (trackers)", list(TRACKERS), key="lx_exp_report")
     col1, col2 = st.columns([1, 6])
     planning = col1.form_submit_button("Plan", key="lx_exp_plan")
@@ -182,6 +187,22 @@ def form_plan():
     return plan, checked
 
 
+def ray_address(plan) -> str | None:
+    """Where the trials run: the Ray address (None: this server's worker), once Ray is installed, the
+    cluster answers and ASHA has evaluations to compare trials at, as the CLI checks before anything
+    is written. Raises `InputError`."""
+    if runner != RAY:
+        if asha:
+            raise InputError("ASHA early stopping runs on a Ray cluster: train on A Ray cluster, or clear ASHA")
+        return None
+    from lora_core.experiments.ray_tune import check_ray
+
+    address = ray_text.strip() or "auto"
+    trial = plan.trials[0].config
+    check_ray(address, asha, trial.steps, trial.eval_every, trial.report_to)
+    return address
+
+
 def show_estimate(estimate: dict) -> None:
     col1, col2, col3 = st.columns(3)
     col1.metric("Trials", f"{estimate['trials']:,}")
@@ -204,20 +225,15 @@ if planning or starting:
         plan, checked = form_plan()
         estimate = estimate_plan(store, plan)
         if starting:
-            if checked is not None:  # stored only once the plan holds; trials name the stored file
+            address = ray_address(plan)
+            if checked is not None:  # stored only once the plan and the runner hold; trials name the stored file
                 path = store_upload(checked, store.data_dir)
                 config = dataclasses.replace(plan.base_config, dataset=f"upload:{path}")
                 plan = plan_experiment(
                     plan.base_settings, config, plan.grid, plan.space, plan.seeds, plan.budget.get("tokens"), plan.name
                 )
-            address = (ray_text.strip() or "auto") if runner == RAY else None
-            if address is not None:
-                from lora_core.experiments.ray_tune import check_ray
-
-                # Ray installed and the cluster answering, before anything is written
-                check_ray(address, report_to=plan.base_config.report_to)
             experiment_id = submit_experiment(
-                store, plan, runner="ray" if runner == RAY else "local", owner=WORKER, ray_address=address
+                store, plan, runner="ray" if address else "local", owner=WORKER, ray_address=address, asha=asha
             )
     except InputError as error:
         st.error(f"{'Not started' if starting else 'Cannot plan'}: {error}")
@@ -225,7 +241,8 @@ if planning or starting:
         st.session_state["lx_exp_estimate"] = estimate
         if starting:
             st.session_state["lx_exp_pick"] = experiment_id
-            st.success(f"Experiment {experiment_id} queued: {len(plan.trials)} trials of {plan.name}.")
+            early = " with ASHA early stopping" if asha else ""
+            st.success(f"Experiment {experiment_id} queued: {len(plan.trials)} trials of {plan.name}{early}.")
 if st.session_state.get("lx_exp_estimate"):
     show_estimate(st.session_state["lx_exp_estimate"])
 
@@ -455,7 +472,7 @@ col1, col2, col3 = st.columns([4, 1, 1])
 col1.write(
     f"**{experiment['status']}** · {experiment['trials']} trials ({experiment['completed']} completed, "
     f"{experiment['failed']} failed) · {experiment['model']} on {experiment['dataset']} · "
-    f"{'Ray' if experiment['runner'] == 'ray' else 'this server'}"
+    f"{'Ray' if experiment['runner'] == 'ray' else 'this server'}{' with ASHA' if spec.get('asha') else ''}"
 )
 if col2.button("Cancel", key="lx_exp_cancel", disabled=experiment["status"] not in ("queued", "running")):
     store.cancel_experiment(shown)

@@ -97,7 +97,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         check_ray(address, args.asha, trial.steps, trial.eval_every, trial.report_to)  # before anything is written
     store = open_store(args.out)
     runner = "ray" if address else "local"
-    experiment_id = submit_experiment(store, plan, runner=runner, owner=CLI, ray_address=address)
+    experiment_id = submit_experiment(store, plan, runner=runner, owner=CLI, ray_address=address, asha=args.asha)
     total = len(plan.trials)
     if not args.json:
         where = f"on Ray ({address})" if address else "here, one after another"

@@ -109,13 +109,19 @@ def _default_name(grid: Grid, space: str | None, config: TrainConfig) -> str:
 
 
 def submit_experiment(
-    store: Store, plan: ExperimentPlan, runner: str = "local", owner: str = WORKER, ray_address: str | None = None
+    store: Store,
+    plan: ExperimentPlan,
+    runner: str = "local",
+    owner: str = WORKER,
+    ray_address: str | None = None,
+    asha: bool = False,
 ) -> int:
     """Check the plan's model and dataset (`training.preflight`), then write the experiment and one
     queued run per trial; returns the experiment id. `owner` is "worker" when the app's worker is
     to train them, "cli" when this process will (`run_local`, or a Ray driver here); `runner` "ray"
-    runs them on the Ray cluster at `ray_address` ("auto": $RAY_ADDRESS or a local one). Raises
-    `InputError` before anything is written."""
+    runs them on the Ray cluster at `ray_address` ("auto": $RAY_ADDRESS or a local one), with ASHA
+    early stopping when `asha` (the spec's `asha`, which the app's worker hands to `run_on_ray`).
+    Raises `InputError` before anything is written."""
     from lora_core.training import preflight
 
     if runner not in ("local", "ray"):
@@ -126,6 +132,7 @@ def submit_experiment(
     spec = plan.spec()
     if runner == "ray":
         spec["ray_address"] = (ray_address or "auto").strip()
+        spec["asha"] = bool(asha)
     trials = [
         {
             "name": f"{plan.name} #{trial.index + 1}: {trial.label}",
