@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from lora_core import store as store_module
-from lora_core.store import NullStore, Store
+from lora_core.store import NullStore, Store, owners
+from lora_core.store.schema import ADDED_COLUMNS, SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 LINUX = sys.platform.startswith("linux")
@@ -192,9 +193,9 @@ def test_workers_do_not_claim_a_run_its_cli_process_trains(tmp_path) -> None:
 
 
 def test_a_store_from_before_the_owner_columns_opens_and_marks_its_dead_runs(tmp_path) -> None:
-    schema = store_module._SCHEMA
+    schema = SCHEMA
     for column in ("owner", "owner_started", "watcher_pid", "watcher_started"):
-        assert column in store_module._ADDED_COLUMNS
+        assert column in ADDED_COLUMNS
         schema = "\n".join(line for line in schema.splitlines() if not line.strip().startswith(f"{column} "))
     schema = re.sub(r",\s*\)", "\n)", schema)  # the column now last loses its comma
     (tmp_path / "data").mkdir()
@@ -502,7 +503,7 @@ def plans_of_one_poll(store: Store, monkeypatch, shown: list[int], after: dict[i
         return db
 
     monkeypatch.setattr(Store, "_connect", traced)
-    monkeypatch.setitem(store_module._last_owner_check, store.data_dir, float("-inf"))  # the check is due
+    monkeypatch.setitem(owners._last_owner_check, store.data_dir, float("-inf"))  # the check is due
     store.active_run_ids(), store.runs(shown), store.metrics_since(after)
     monkeypatch.setattr(Store, "_connect", connect)
     plans = {}

@@ -253,11 +253,9 @@ def test_interrupted_run_is_marked_after_a_store_restart(tmp_path) -> None:
 def test_a_store_from_before_the_memory_columns_gains_them_and_keeps_its_runs(tmp_path) -> None:
     import sqlite3
 
-    from lora_core import store as store_module
+    from lora_core.store.schema import SCHEMA
 
-    schema = store_module._SCHEMA.replace("    memory_estimate_mb REAL,\n", "").replace(
-        "    longest_seq INTEGER,\n", ""
-    )
+    schema = SCHEMA.replace("    memory_estimate_mb REAL,\n", "").replace("    longest_seq INTEGER,\n", "")
     assert "memory_estimate_mb" not in schema
     (tmp_path / "data").mkdir()
     with sqlite3.connect(tmp_path / "data" / "runs.sqlite") as db:

@@ -1,171 +1,38 @@
-"""The run store: SQLite in WAL mode, shared by every browser session, the CLI and restarts.
+"""The `Store`: runs, experiments and their metrics in SQLite, shared by every browser session, the
+CLI and restarts.
 
 Each call opens its own short-lived connection, so the training thread, Streamlit's script
 threads and other processes can use one store at once. Metrics become visible as they are
-written.
-
-An active run names the process responsible for it (`owner_pid`, with the process's start time so
-that a later process given the same pid cannot pass for it) and, when a server's worker trains it,
-the server watching that worker (`watcher_pid`). Readers check these about once a second, so a run
-whose processes are gone becomes `interrupted` within seconds, whoever started it and whoever polls.
+written. Readers check the owners of active runs (owners.py) about once a second, so a run whose
+processes are gone becomes `interrupted` within seconds, whoever started it and whoever polls.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import sqlite3
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import pandas as pd
 
 from lora_core.errors import InputError
 from lora_core.locking import file_lock
+from lora_core.store.owners import HOST, OWNER_COLUMNS, owner_check_due, process_alive, process_started, stranded_reason
+from lora_core.store.rows import decode, marks, no_new_metrics
+from lora_core.store.schema import migrate, retry_while_locked
+from lora_core.store.status import ACTIVE, CLI, FINISHED, OWNERS, RUNNERS, WORKER, experiment_status
 
-ACTIVE = ("queued", "running")
-FINISHED = ("completed", "failed", "cancelled", "interrupted")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL,
-    status TEXT NOT NULL,
-    model TEXT NOT NULL,
-    dataset TEXT NOT NULL,
-    settings TEXT NOT NULL,
-    config TEXT NOT NULL,
-    trainable_params INTEGER,
-    all_params INTEGER,
-    device TEXT,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    error TEXT,
-    initial_eval_loss REAL,
-    final_train_loss REAL,
-    final_eval_loss REAL,
-    peak_memory_mb REAL,
-    memory_estimate_mb REAL,
-    longest_seq INTEGER,
-    adapter_dir TEXT,
-    owner_pid INTEGER,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    owner TEXT,
-    owner_started INTEGER,
-    owner_host TEXT,
-    watcher_pid INTEGER,
-    watcher_started INTEGER,
-    experiment_id INTEGER,
-    trial TEXT,
-    trained_by TEXT
-);
--- An experiment groups its trials, which are ordinary runs (runs.experiment_id); its status is
--- derived from theirs, so it can never disagree with them.
-CREATE TABLE IF NOT EXISTS experiments (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL,
-    model TEXT NOT NULL,
-    dataset TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    runner TEXT NOT NULL DEFAULT 'local',
-    created REAL NOT NULL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    error TEXT
-);
-CREATE TABLE IF NOT EXISTS metrics (
-    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
-    kind TEXT NOT NULL,
-    step INTEGER NOT NULL,
-    loss REAL,
-    learning_rate REAL,
-    grad_norm REAL,
-    tokens INTEGER,
-    tokens_per_s REAL,
-    elapsed REAL,
-    PRIMARY KEY (run_id, kind, step)
-);
--- Every index entry ends with the row's rowid, which grows with each write: one run's rows written
--- since a poll are one range of this index, however many runs and rows the store holds.
-CREATE INDEX IF NOT EXISTS metrics_by_run ON metrics(run_id);
-CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status);
-"""
-# Made after the added columns exist: an older store's runs table gains experiment_id first.
-_LATE_INDEXES = "CREATE INDEX IF NOT EXISTS runs_by_experiment ON runs(experiment_id);"
-
-_ADDED_COLUMNS = {
-    "memory_estimate_mb": "REAL",
-    "longest_seq": "INTEGER",
-    "owner": "TEXT",
-    "owner_started": "INTEGER",
-    "owner_host": "TEXT",
-    "watcher_pid": "INTEGER",
-    "watcher_started": "INTEGER",
-    "experiment_id": "INTEGER",
-    "trial": "TEXT",
-    "trained_by": "TEXT",
-}
-
-# Who trains a run: a server's background worker, which claims queued runs, or the process that
-# created the run (the CLI), which no worker may claim.
-WORKER, CLI = "worker", "cli"
-OWNERS = (WORKER, CLI)
-# Where an experiment's trials train: the server's worker / the CLI process, or Ray Tune.
-RUNNERS = ("local", "ray")
-
-# Readers check the owners of active runs at most this often per store and process: the Fine-tune
-# page polls every second, and a check costs a query plus a /proc read per active run.
-OWNER_CHECK_EVERY = 1.0
-_last_owner_check: dict[Path, float] = {}
-_last_owner_check_lock = threading.Lock()
-
-_OWNER_COLUMNS = "id, status, owner, owner_pid, owner_started, owner_host, watcher_pid, watcher_started"
+# A scratch folder's name, as `Store.scratch_dir` writes it: run id, pid and HOST (a name without
+# a host is taken for this one's).
 _SCRATCH_NAME = re.compile(r"run-(\d+)-(\d+)(?:-(\w+))?")
-_HAVE_PROC = Path("/proc/self/stat").exists()
-
-
-def _host_id() -> str:
-    """This boot of this machine and this pid namespace, hashed: pids mean something only there.
-    Two containers sharing a data volume, or a host CLI writing to a container's volume, each see
-    the other's pids as dead; owners recorded elsewhere are left to their own readers."""
-    import hashlib
-    import socket
-
-    parts = [socket.gethostname()]
-    with contextlib.suppress(OSError):
-        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
-    with contextlib.suppress(OSError):
-        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
-
-
-HOST = _host_id()
-_T = TypeVar("_T")
-
-
-class RunWriter(Protocol):
-    """What a training run writes through: `Store`, `NullStore`, or a stand-in that forwards a
-    run's writes elsewhere (a Ray trial sends them to its driver)."""
-
-    @property
-    def data_dir(self) -> Path: ...
-
-    def update_run(self, run_id: int, **fields: Any) -> None: ...
-
-    def add_metric(self, run_id: int, kind: str, step: int, **values: float | int | None) -> None: ...
-
-    def adapter_dir(self, run_id: int) -> Path: ...
-
-    def scratch_dir(self, run_id: int) -> Path: ...
 
 
 def default_data_dir() -> Path:
@@ -193,7 +60,7 @@ class Store:
         # read lock to a write lock, which SQLite refuses at once, without its busy timeout, while
         # another connection writes ("database is locked" when two processes opened a new store).
         with file_lock(store.data_dir / "runs.sqlite.lock"):
-            _retry_while_locked(store._set_up)
+            retry_while_locked(store._set_up)
         store.mark_orphans_interrupted()
         store.clean_scratch()
         return store
@@ -201,17 +68,7 @@ class Store:
     def _set_up(self) -> None:
         """WAL mode, the tables, and the columns added since older stores were written."""
         with closing(self._connect()) as db, db:
-            db.execute("PRAGMA journal_mode=WAL")  # persistent: once set, later opens write nothing here
-            db.executescript(_SCHEMA)
-            have = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
-            for column, kind in _ADDED_COLUMNS.items():
-                if column not in have:
-                    try:
-                        db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
-                    except sqlite3.OperationalError as error:  # without a file lock, another process may add it first
-                        if "duplicate column" not in str(error):
-                            raise
-            db.executescript(_LATE_INDEXES)
+            migrate(db)
 
     @property
     def path(self) -> Path:
@@ -351,7 +208,7 @@ class Store:
         params: tuple = ()
         if experiment_ids is not None:
             params = tuple(int(i) for i in experiment_ids)
-            where = f"WHERE e.id IN ({_marks(len(params))})"
+            where = f"WHERE e.id IN ({marks(len(params))})"
         query = (
             f"SELECT e.*, COUNT(r.id) AS trials, {counts}, MAX(r.finished) AS finished FROM experiments e"
             f" LEFT JOIN runs r ON r.experiment_id = e.id {where} GROUP BY e.id ORDER BY e.id DESC"
@@ -360,7 +217,7 @@ class Store:
             frame = pd.read_sql_query(query, db, params=params)
         for status in (*ACTIVE, *FINISHED):
             frame[status] = frame[status].fillna(0).astype(int)
-        frame["status"] = [_experiment_status(row) for row in frame.to_dict("records")]
+        frame["status"] = [experiment_status(row) for row in frame.to_dict("records")]
         return frame
 
     def experiment_runs(self, experiment_id: int) -> pd.DataFrame:
@@ -414,7 +271,7 @@ class Store:
                 )
             ]
             db.execute(
-                f"UPDATE runs SET owner = ?, owner_pid = ?, owner_started = ?, owner_host = ? WHERE id IN ({_marks(len(ids))})",
+                f"UPDATE runs SET owner = ?, owner_pid = ?, owner_started = ?, owner_host = ? WHERE id IN ({marks(len(ids))})",
                 (CLI, me, process_started(me), HOST, *ids),
             )
         return ids
@@ -447,7 +304,7 @@ class Store:
         self._check_owners_if_due()
         with closing(self._connect()) as db:
             row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return _decode(row) if row else None
+        return decode(row) if row else None
 
     def runs(self, run_ids: Iterable[int] | None = None) -> pd.DataFrame:
         """Every run, or those of `run_ids` that exist, newest first."""
@@ -456,7 +313,7 @@ class Store:
             if run_ids is None:
                 return pd.read_sql_query("SELECT * FROM runs ORDER BY id DESC", db)
             ids = tuple(run_ids)
-            query = f"SELECT * FROM runs WHERE id IN ({_marks(len(ids))}) ORDER BY id DESC"
+            query = f"SELECT * FROM runs WHERE id IN ({marks(len(ids))}) ORDER BY id DESC"
             return pd.read_sql_query(query, db, params=ids)
 
     def metrics(self, run_ids: list[int] | None = None) -> pd.DataFrame:
@@ -464,7 +321,7 @@ class Store:
         with closing(self._connect()) as db:
             if run_ids is None:
                 return pd.read_sql_query("SELECT * FROM metrics ORDER BY run_id, kind, step", db)
-            query = f"SELECT * FROM metrics WHERE run_id IN ({_marks(len(run_ids))}) ORDER BY run_id, kind, step"
+            query = f"SELECT * FROM metrics WHERE run_id IN ({marks(len(run_ids))}) ORDER BY run_id, kind, step"
             return pd.read_sql_query(query, db, params=tuple(run_ids))
 
     def metrics_since(self, after: Mapping[int, int]) -> pd.DataFrame:
@@ -475,7 +332,7 @@ class Store:
         kind and step) comes back with a new one, so a reader that keeps each run's largest `seq`
         sees every change once. Each run costs one index range, whatever the store's size."""
         if not after:
-            return _no_new_metrics()
+            return no_new_metrics()
         wanted = ", ".join("(?, ?)" for _ in after)
         query = (
             f"WITH wanted(run_id, after) AS (VALUES {wanted}) SELECT metrics.rowid AS seq, metrics.* FROM wanted"
@@ -539,7 +396,7 @@ class Store:
                 "SELECT * FROM runs WHERE status = 'queued' AND COALESCE(owner, ?) = ? ORDER BY id LIMIT 1",
                 (WORKER, WORKER),
             ).fetchone()
-        return _decode(row) if row else None
+        return decode(row) if row else None
 
     def request_cancel(self, run_id: int) -> None:
         """Ask the owner to stop `run_id` after its current step; a queued run is cancelled at once,
@@ -551,7 +408,7 @@ class Store:
                 "WHERE id = ? AND status = 'queued'",
                 (time.time(), run_id),
             )
-            row = db.execute(f"SELECT {_OWNER_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+            row = db.execute(f"SELECT {OWNER_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is not None and row["status"] in ACTIVE:
             self._interrupt_if_stranded(row)
 
@@ -569,7 +426,7 @@ class Store:
         """Active runs that nobody can finish any more become `interrupted`, with what happened;
         returns how many. Their processes' scratch folders go too."""
         with closing(self._connect()) as db:
-            rows = db.execute(f"SELECT {_OWNER_COLUMNS} FROM runs WHERE status IN ('queued', 'running')").fetchall()
+            rows = db.execute(f"SELECT {OWNER_COLUMNS} FROM runs WHERE status IN ('queued', 'running')").fetchall()
         marked = sum(self._interrupt_if_stranded(row) for row in rows)
         if marked:
             self.clean_scratch()
@@ -578,17 +435,13 @@ class Store:
     def _check_owners_if_due(self) -> None:
         """What readers call, so that a stranded run is marked within about a second of the next
         poll, without a check on every read of a page that polls several times a second."""
-        now = time.monotonic()
-        with _last_owner_check_lock:
-            if now - _last_owner_check.get(self.data_dir, float("-inf")) < OWNER_CHECK_EVERY:
-                return
-            _last_owner_check[self.data_dir] = now
-        self.mark_orphans_interrupted()
+        if owner_check_due(self.data_dir):
+            self.mark_orphans_interrupted()
 
     def _interrupt_if_stranded(self, row: sqlite3.Row) -> bool:
         """Mark one active run `interrupted` if nobody can finish it; True if this call did. The
         update only applies to the row as read, so a run claimed or finished meanwhile is kept."""
-        reason = _stranded_reason(row)
+        reason = stranded_reason(row)
         if reason is None:
             return False
         with closing(self._connect()) as db, db:
@@ -598,228 +451,3 @@ class Store:
                 (time.time(), reason, row["id"], row["status"], row["owner_pid"]),
             ).rowcount
         return changed > 0
-
-
-def _stranded_reason(row: sqlite3.Row) -> str | None:
-    """Why an active run can no longer finish, or None while a process lives that can finish it or
-    report why not. A queued run's owner is the process that queued it: a server's worker stops
-    claiming when its server is gone, and a CLI run is only ever trained by its own process."""
-    if row["owner_host"] not in (None, HOST):
-        return None  # recorded in another machine or pid namespace: its pids mean nothing here
-    if process_alive(row["owner_pid"], row["owner_started"]):
-        return None
-    if process_alive(row["watcher_pid"], row["watcher_started"]):
-        return None  # the server of the dead worker records the cause itself (RunManager._watch)
-    pid, by_cli = row["owner_pid"], row["owner"] == CLI
-    if row["status"] == "queued":
-        if by_cli:
-            return f"the process that queued it (pid {pid}) ended before the run started"
-        return "the server stopped before the run started"
-    if by_cli:
-        return f"the training process (pid {pid}) ended without finishing the run (killed or crashed)"
-    return "the server stopped during the run"
-
-
-def process_started(pid: int | None) -> int | None:
-    """When `pid` started, in clock ticks after boot (field 22 of /proc/PID/stat), or None where
-    /proc does not say (another platform, or the process is gone)."""
-    stat = _proc_stat(pid) if pid else None
-    return stat[1] if stat else None
-
-
-def process_alive(pid: int | None, started: int | None = None) -> bool:
-    """Whether `pid` is still the process recorded with start time `started`. A zombie (killed but
-    not yet reaped) is not, nor is a newer process given the same pid. Without /proc only the pid
-    is checked, so there a reused pid keeps a dead owner alive."""
-    if not pid:
-        return False
-    if _HAVE_PROC:
-        stat = _proc_stat(pid)
-        if stat is None:
-            return False
-        state, start = stat
-        return state not in ("Z", "X", "x") and (started is None or start == started)
-    if os.name == "nt":
-        return True  # os.kill would terminate the process there: with no safe probe, never call it dead
-    try:
-        os.kill(pid, 0)
-    except PermissionError:  # it exists, under another user
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time) of `pid` from /proc, or None if it cannot be read."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    # Field 2, the command name, is in parentheses and may itself hold spaces or ')'; so fields are
-    # counted from the last ')': field 3 (state) comes first and field 22 (start time) 19 later.
-    fields = text[text.rindex(")") + 2 :].split()
-    return fields[0], int(fields[19])
-
-
-def _retry_while_locked(action: Callable[[], _T], patience: float = 30.0) -> _T:
-    """Run `action`, retrying with backoff while SQLite answers "locked" at once: the guard where
-    no file lock serialises set-up (no fcntl), or a connection that does not take it holds the file."""
-    delay, deadline = 0.01, time.monotonic() + patience
-    while True:
-        try:
-            return action()
-        except sqlite3.OperationalError as error:
-            if "locked" not in str(error) or time.monotonic() > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(2 * delay, 0.5)
-
-
-def _decode(row: sqlite3.Row) -> dict:
-    data = dict(row)
-    for key in ("settings", "config", "trial"):
-        data[key] = json.loads(data[key]) if data.get(key) else {}
-    return data
-
-
-def _experiment_status(row: dict) -> str:
-    """An experiment's status from its trials' counts and its cancel flag: cancelled when it was
-    cancelled and a trial with it (a cancel that came as the last trial ended changes nothing), or
-    when every trial was cancelled one by one; a few trials stopped early (ASHA) or cancelled alone
-    leave it completed; failed when none completed and one failed."""
-    if row["running"] or row["queued"]:
-        if row["cancel_requested"]:
-            return "cancelling"
-        return "running" if row["running"] else "queued"
-    if row["interrupted"]:
-        return "interrupted"
-    if row["cancelled"] and (row["cancel_requested"] or row["cancelled"] == row["trials"]):
-        return "cancelled"
-    if row["failed"] and not row["completed"]:
-        return "failed"
-    return "completed"
-
-
-def _no_new_metrics() -> pd.DataFrame:
-    """What `metrics_since` returns when nothing is new: its columns, no rows."""
-    frame = _empty_frame("metrics")
-    frame.insert(0, "seq", pd.Series(dtype="int64"))
-    return frame
-
-
-def _marks(count: int) -> str:
-    """`count` SQL placeholders for an IN list; NULL (matching nothing) for none."""
-    return ",".join("?" * count) or "NULL"
-
-
-def _empty_frame(table: str) -> pd.DataFrame:
-    """`table` with no rows, with the columns a real store's read returns."""
-    with closing(sqlite3.connect(":memory:")) as db:
-        db.executescript(_SCHEMA)
-        return pd.read_sql_query(f"SELECT * FROM {table}", db)
-
-
-class NullStore:
-    """A store that records nothing: what non-zero ranks of a multi-GPU `accelerate launch` get, so
-    only rank 0 writes the run. Every public method of Store is here and answers as an empty store
-    would, so code written against Store runs unchanged (the CLI's progress bar reads
-    `metrics()["kind"]`); a method Store gains must be added here too (tests/test_store.py checks)."""
-
-    data_dir = Path("/nonexistent")
-
-    @classmethod
-    def open(cls, data_dir: str | Path | None = None) -> NullStore:
-        return cls()
-
-    # Paths derive from `data_dir` alone: Store's own definitions serve.
-    path = Store.path
-    adapter_dir = Store.adapter_dir
-
-    def scratch_dir(self, run_id: int) -> Path:
-        """A real, new folder in the system temp dir: training on this rank still writes scratch files."""
-        return Path(tempfile.mkdtemp(prefix=f"lora-explorer-run-{run_id}-{os.getpid()}-"))
-
-    def clean_scratch(self) -> int:
-        return 0
-
-    def create_run(
-        self,
-        name: str,
-        model: str,
-        dataset: str,
-        settings: dict,
-        config: dict,
-        owner: str = WORKER,
-        experiment_id: int | None = None,
-        trial: dict | None = None,
-    ) -> int:
-        return 0
-
-    def create_experiment(
-        self, name: str, model: str, dataset: str, spec: dict, runner: str = "local", trials: Sequence[dict] = ()
-    ) -> int:
-        return 0
-
-    def experiment(self, experiment_id: int) -> dict | None:
-        return None
-
-    def experiments(self, experiment_ids: Iterable[int] | None = None) -> pd.DataFrame:
-        return pd.DataFrame(columns=["id", "name", "model", "dataset", "spec", "runner", "created", "status", "trials"])
-
-    def experiment_runs(self, experiment_id: int) -> pd.DataFrame:
-        return _empty_frame("runs")
-
-    def cancel_experiment(self, experiment_id: int) -> None:
-        return None
-
-    def experiment_cancel_requested(self, experiment_id: int) -> bool:
-        return False
-
-    def delete_experiment(self, experiment_id: int) -> None:
-        return None
-
-    def take_experiment_runs(self, experiment_id: int) -> list[int]:
-        return []
-
-    def update_run(self, run_id: int, **fields: Any) -> None:
-        return None
-
-    def add_metric(self, run_id: int, kind: str, step: int, **values: float | int | None) -> None:
-        return None
-
-    def run(self, run_id: int) -> dict | None:
-        return None
-
-    def runs(self, run_ids: Iterable[int] | None = None) -> pd.DataFrame:
-        return _empty_frame("runs")
-
-    def metrics(self, run_ids: list[int] | None = None) -> pd.DataFrame:
-        return _empty_frame("metrics")
-
-    def metrics_since(self, after: Mapping[int, int]) -> pd.DataFrame:
-        return _no_new_metrics()
-
-    def rename(self, run_id: int, name: str) -> None:
-        return None
-
-    def delete(self, run_id: int) -> None:
-        return None
-
-    def claim_next(self, watcher_pid: int | None = None) -> dict | None:
-        return None
-
-    def next_queued(self) -> dict | None:
-        return None
-
-    def request_cancel(self, run_id: int) -> None:
-        return None
-
-    def cancel_requested(self, run_id: int) -> bool:
-        return False
-
-    def active_run_ids(self) -> list[int]:
-        return []
-
-    def mark_orphans_interrupted(self) -> int:
-        return 0
