@@ -506,6 +506,8 @@ def plans_of_one_poll(store: Store, monkeypatch, shown: list[int], after: dict[i
     monkeypatch.setitem(owners._last_owner_check, store.data_dir, float("-inf"))  # the check is due
     store.active_run_ids(), store.runs(shown), store.metrics_since(after)
     monkeypatch.setattr(Store, "_connect", connect)
+    owner_check = f"SELECT {owners.OWNER_COLUMNS} FROM runs WHERE status IN"
+    assert any(owner_check in sql for sql in statements), statements  # the clock above made it due
     plans = {}
     with sqlite3.connect(store.path) as db:
         for sql in statements:
