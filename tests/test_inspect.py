@@ -709,3 +709,100 @@ def test_cli_json_has_no_nan_against_an_untrained_adapter(good, tmp_path, capsys
 
     report = json.loads(out, parse_constant=refuse)
     assert {row["phi_k"] for row in report["compare"]["modules"]} == {None}
+
+
+# --- memory: module by module from the memory-mapped file ------------------------------------------
+
+# Run in a child interpreter, so the figures are that process's alone: inspects and right-sizes the
+# adapter in argv[1] (small: the imports and one module's working memory), then the one in argv[2];
+# a thread samples the process's anonymous resident memory (RssAnon) every millisecond, per phase.
+MEMORY_CHILD = """
+import json, sys, threading, time
+from lora_core.inspect import inspect_adapter, open_adapter, plan_right_size, write_right_sized
+
+def status_mb(field):
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) for line in lines if line.startswith(field + ":")) / 1024
+
+peaks, phase = {}, ["imports"]
+
+def sample():
+    while phase[0] != "done":
+        peaks[phase[0]] = max(peaks.get(phase[0], 0.0), status_mb("RssAnon"))
+        time.sleep(0.001)
+
+threading.Thread(target=sample, daemon=True).start()
+hwm = {}
+for size, folder in (("small", sys.argv[1]), ("large", sys.argv[2])):
+    phase[0] = size + " inspect"
+    adapter = open_adapter(folder)
+    inspection = inspect_adapter(adapter)
+    hwm[size + " inspect"] = status_mb("VmHWM")
+    phase[0] = size + " right-size"
+    write_right_sized(adapter, plan_right_size(inspection, 0.9), folder + "-right-sized")
+    del adapter, inspection
+    hwm[size + " right-size"] = status_mb("VmHWM")
+phase[0] = "done"
+print(json.dumps({"peak_anon_mb": peaks, "vm_hwm_mb": hwm}))
+"""
+
+
+def write_wide_adapter(folder: Path, modules: int, d: int = 2**16, r: int = 8) -> int:
+    """An adapter of `modules` (d x d) updates at rank r whose B A has rank 1 (A's rows are one
+    direction, scaled), written tensor by tensor (as float32 safetensors) so that the test never
+    holds the file: every module repeats the same two blocks, which the reader cannot tell. Returns
+    the weights file's size in bytes."""
+    rng = np.random.default_rng(0)
+    a = np.outer(rng.standard_normal(r), rng.standard_normal(d)).astype(np.float32)  # (r, d), rank 1
+    b = rng.standard_normal((d, r)).astype(np.float32)  # (d, r)
+    header, offset = {}, 0
+    for i in range(modules):
+        for which, block in (("A", a), ("B", b)):
+            key = f"base_model.model.model.layers.{i}.mlp.down_proj.lora_{which}.weight"
+            header[key] = {"dtype": "F32", "shape": list(block.shape), "data_offsets": [offset, offset + block.nbytes]}
+            offset += block.nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
+    folder.mkdir(parents=True)
+    with (folder / "adapter_model.safetensors").open("wb") as out:
+        out.write(struct.pack("<Q", len(text)) + text)
+        for _ in range(modules):
+            out.write(a.tobytes())
+            out.write(b.tobytes())
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "target_modules": ["down_proj"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return (folder / "adapter_model.safetensors").stat().st_size
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RssAnon from Linux's /proc")
+def test_an_adapter_is_read_module_by_module_not_held_in_memory(tmp_path) -> None:
+    """A 300 MB adapter raises the peak anonymous memory of inspecting it, over inspecting a 2-module
+    one of the same shapes, by far less than its size; right-sizing it, by about the truncated
+    adapter (its rank-1 updates keep 1 of 8 ranks: an eighth of the file).
+
+    Anonymous memory, not VmHWM / ru_maxrss: those also count the file's pages mapped from the page
+    cache, which the kernel takes back under pressure, so they rise by the file's size whatever the
+    code holds (printed below). Right-size assembles the truncated adapter in memory before writing
+    it (safetensors' save_file takes a dict of tensors); that is accepted: the truncated adapter only,
+    never the original."""
+    small, large = write_wide_adapter(tmp_path / "small", 2), write_wide_adapter(tmp_path / "large", 72)
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, str(tmp_path / "small"), str(tmp_path / "large")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    peaks, hwm = report["peak_anon_mb"], report["vm_hwm_mb"]
+    truncated = (tmp_path / "large-right-sized" / "adapter_model.safetensors").stat().st_size / 2**20
+    size = large / 2**20
+    inspect_rise = peaks["large inspect"] - peaks["small inspect"]
+    right_size_rise = peaks["large right-size"] - peaks["small right-size"]
+    rounded = {k: round(v) for k, v in peaks.items()}, {k: round(v) for k, v in hwm.items()}
+    print(
+        f"file {size:.0f} MiB (small {small / 2**20:.0f}), truncated {truncated:.0f} MiB; peak RssAnon MiB "
+        f"{rounded[0]}; rise: inspect {inspect_rise:+.0f}, right-size {right_size_rise:+.0f}; VmHWM MiB {rounded[1]}"
+    )
+    assert inspect_rise < 0.25 * size
+    assert right_size_rise < truncated + 0.25 * size

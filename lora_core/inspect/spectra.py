@@ -3,7 +3,8 @@
 With thin QR factorisations B = Q_B R_B and A^T = Q_A R_A, B A = Q_B (R_B R_A^T) Q_A^T, so the
 nonzero singular values of the (d_out x d_in) update are those of the (r x r) core R_B R_A^T, and
 its singular vectors are Q_B U and Q_A V from the core's SVD U S V^T. Modules are read one at a time
-from the memory-mapped safetensors file, so an adapter larger than memory still works.
+from the memory-mapped safetensors file, and the memory one module freed is handed back to the
+system before the next is read (`release_freed_memory`), so an adapter larger than memory still works.
 
 What counts as one update: a Linear, Conv1D (GPT-2's `fan_in_fan_out`: the update is transposed,
 the spectrum the same) or convolution (A's kernel dimensions flattened into its input), an
@@ -17,6 +18,8 @@ spectrum is known, so the magnitude vector's norm is reported beside it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -209,6 +212,7 @@ def open_weights(adapter: Adapter) -> Iterator[Any]:
 
 def factors(module: Module, reader: Any, label: str = "adapter") -> list[tuple[Any, Any]]:
     """`[(B, A)]` of `module`, float64: B (d_out, r), A (r, d_in); one pair per expert."""
+    release_freed_memory()  # what the modules before this one left behind, before its copies are made
     a = reader.get_tensor(module.a_key).double()
     b = reader.get_tensor(module.b_key).double()
     _check_magnitudes(module, a, b, label)
@@ -217,6 +221,27 @@ def factors(module: Module, reader: Any, label: str = "adapter") -> list[tuple[A
         b_e = b.reshape(b.shape[0], module.r, module.experts)  # (d_out, r, experts)
         return [(b_e[:, :, e], a_e[e]) for e in range(module.experts)]
     return [(b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1))]
+
+
+def release_freed_memory() -> None:
+    """Return the heap memory freed so far to the operating system (glibc's `malloc_trim`); where
+    the C library has no such call (macOS, musl, Windows), nothing happens.
+
+    Once a large block has been freed, glibc serves blocks of that size from its heap instead of
+    fresh mappings, and a small block that outlives them (a spectrum, a truncated factor) keeps the
+    heap from giving their pages back: without this, the resident memory of a run over many modules
+    can grow with every module read, on some runs by much of the file's size."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # no such symbol, or no C library to load by None
+        return None
 
 
 def _check_magnitudes(module: Module, a: Any, b: Any, label: str) -> None:
