@@ -30,9 +30,11 @@ from lora_core.inspect import (
     compare_adapters,
     inspect_adapter,
     open_adapter,
+    overall,
     plan_right_size,
     rank_measures,
     subspace_similarity,
+    usage,
     write_right_sized,
 )
 from lora_core.inspect.cli import add_inspect_parser
@@ -41,10 +43,10 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 FULL = 1 - 1e-9  # an energy that only rounding noise stays below: the update's exact rank
 
 
-def llama(hidden: int = 32) -> nn.Module:
+def llama(hidden: int = 32, layers: int = 2) -> nn.Module:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=64, hidden_size=hidden, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2
+        vocab_size=64, hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=2
     )
     return LlamaForCausalLM(config)
 
@@ -316,6 +318,105 @@ def test_compare_refuses_another_base_and_disjoint_adapters(tmp_path) -> None:
         compare_adapters(open_adapter(tmp_path / "a"), open_adapter(tmp_path / "wide"))
     with pytest.raises(AdapterError, match="no module in common"):
         compare_adapters(open_adapter(tmp_path / "a"), open_adapter(tmp_path / "mlp"))
+
+
+# --- summaries: the share of the configured rank used, by module type and by depth ----------------
+
+# A 3-layer Llama, r=8 but v_proj r=6 and layer 2's down_proj r=4 (rank_pattern), whose update at
+# (type, layer) has k equal singular values and one more of sqrt(k / 20) of them: the k hold 20/21 of
+# the squared spectrum, so 90% of the energy needs k components and 99% needs k + 1. The ranks
+# differ within each type and each layer, so a share of the summed r differs from a mean of shares.
+PLANTED_RANKS = {
+    ("q_proj", 0): 1, ("q_proj", 1): 3, ("q_proj", 2): 5,
+    ("v_proj", 0): 4, ("v_proj", 1): 2, ("v_proj", 2): 1,
+    ("down_proj", 0): 2, ("down_proj", 1): 6, ("down_proj", 2): 3,
+}  # fmt: skip
+PLANTED_CONFIG = dict(
+    r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+    rank_pattern={"v_proj": 6, "layers.2.mlp.down_proj": 4},
+)  # fmt: skip
+
+
+def planted_usage_model() -> nn.Module:
+    """The PEFT model of PLANTED_CONFIG with the spectra PLANTED_RANKS describes: B = U diag(s) X,
+    A = X^+ V^T for orthonormal U, V (k + 1 columns) and X of full row rank, so B A = U diag(s) V^T."""
+    model = get_peft_model(llama(layers=3), LoraConfig(**PLANTED_CONFIG))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, layer in lora_layers(model).items():
+            k = PLANTED_RANKS[name.rsplit(".", 1)[1], int(name.split(".")[2])]
+            a, b = factor_params(layer)
+            singular = torch.tensor([1.0] * k + [math.sqrt(k / 20)])
+            u = torch.linalg.qr(torch.randn(b.shape[0], k + 1, generator=generator)).Q
+            v = torch.linalg.qr(torch.randn(a.shape[1], k + 1, generator=generator)).Q
+            x = torch.randn(k + 1, a.shape[0], generator=generator)
+            b.copy_(u * singular @ x)
+            a.copy_(torch.linalg.pinv(x) @ v.T)
+    return model
+
+
+def expected_usage(model: nn.Module, by: str) -> dict[object, dict[str, float]]:
+    """What `usage` must give for `planted_usage_model()`, by "type" or "layer": counted from
+    PLANTED_RANKS and PEFT's own r and updates (`get_delta_weight`), with plain sums."""
+    groups: dict[object, list[dict[str, float]]] = {}
+    for name, layer in lora_layers(model).items():
+        kind, depth = name.rsplit(".", 1)[1], int(name.split(".")[2])
+        k = PLANTED_RANKS[kind, depth]
+        p = np.array([1.0] * k + [math.sqrt(k / 20)]) / (k + math.sqrt(k / 20))  # normalised spectrum
+        update = {"r": layer.r["default"], "k": k, "entropy": math.exp(-(p * np.log(p)).sum())}
+        update["squared_norm"] = float(deltas(layer)[0].norm() ** 2)
+        groups.setdefault(kind if by == "type" else depth, []).append(update)
+    expected = {}
+    for key, updates in groups.items():
+        n, r = len(updates), sum(u["r"] for u in updates)
+        expected[key] = {
+            "updates": n,
+            "r": r / n,
+            "entropy_rank": sum(u["entropy"] for u in updates) / n,
+            "rank_90": sum(u["k"] for u in updates) / n,
+            "used_90": sum(u["k"] for u in updates) / r,
+            "rank_99": sum(u["k"] + 1 for u in updates) / n,
+            "used_99": sum(u["k"] + 1 for u in updates) / r,
+            "norm": math.sqrt(sum(u["squared_norm"] for u in updates)),
+        }
+    return expected
+
+
+def assert_usage_table(table, expected: dict[object, dict[str, float]], by: str) -> None:
+    """`table` (a `usage` frame, as returned or as shown) holds `expected`, row by row."""
+    assert sorted(table[by]) == sorted(expected), table
+    worst = 0.0
+    for row in table.to_dict("records"):
+        for column, value in expected[row[by]].items():
+            assert row[column] == pytest.approx(value, rel=1e-6), (by, row[by], column)
+            worst = max(worst, abs(row[column] - value) / max(abs(value), 1e-300))
+    print(f"by {by}: {len(table)} rows, largest relative difference {worst:.1e}")
+
+
+@pytest.fixture(scope="module")
+def planted_usage(tmp_path_factory) -> tuple[nn.Module, Path]:
+    model = planted_usage_model()
+    ranks = sorted(layer.r["default"] for layer in lora_layers(model).values())
+    assert ranks == [4, 6, 6, 6, 8, 8, 8, 8, 8]  # rank_pattern took: r differs within a type and a layer
+    folder = tmp_path_factory.mktemp("usage") / "adapter"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.mark.parametrize("by", ["type", "layer"])
+def test_rank_used_by_module_type_and_by_depth_is_the_planted_one(planted_usage, by) -> None:
+    model, folder = planted_usage
+    table = usage(inspect_adapter(open_adapter(folder)), by)
+    assert list(table[by]) == sorted(table[by])
+    assert_usage_table(table, expected_usage(model, by), by)
+
+
+def test_rank_used_overall_is_the_planted_one(planted_usage) -> None:
+    model, folder = planted_usage
+    whole = overall(inspect_adapter(open_adapter(folder)))
+    k, r = sum(PLANTED_RANKS.values()), sum(layer.r["default"] for layer in lora_layers(model).values())
+    assert (whole["updates"], whole["configured_rank"], whole["rank_90"], whole["rank_99"]) == (9, r, k, k + 9)
+    assert (whole["used_90"], whole["used_99"]) == (pytest.approx(k / r), pytest.approx((k + 9) / r))
 
 
 # --- loading: every hostile or broken input is one line -------------------------------------

@@ -1,6 +1,7 @@
-"""AppTest of the Inspect page: an adapter with planted ranks shows them in the heatmap, the
-right-size and compare panels answer their widgets, bad input is one line that keeps what was
-shown, and an adapter the app trained on the embedded model is inspected end to end (page + CLI)."""
+"""AppTest of the Inspect page: an adapter with planted ranks shows them in the heatmap and in the
+rank-used tables by module type and by depth, the right-size and compare panels answer their
+widgets, bad input is one line that keeps what was shown, and an adapter the app trained on the
+embedded model is inspected end to end (page + CLI)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from streamlit.testing.v1 import AppTest
-from test_inspect import _wired, lora_layers, run_inspect
+from test_inspect import _wired, assert_usage_table, expected_usage, lora_layers, planted_usage_model, run_inspect
 from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +109,35 @@ def test_the_heatmap_shows_the_planted_ranks_and_follows_its_colour(page: AppTes
     np.testing.assert_allclose(array(heat["z"]), [[2, 2], [5, 5]], atol=1e-4)
     assert metric(page, "Configured rank (sum of r)") == "32"
     assert metric(page, "Rank used for 90% of the energy") == f"{(2 * 2 + 2 * 5) / 32:.0%}"
+
+
+@pytest.fixture(scope="module")
+def planted_usage(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """The adapter of test_inspect's summary tests: planted ranks differing by module type and by layer."""
+    model = planted_usage_model()
+    folder = tmp_path_factory.mktemp("page") / "usage"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def usage_table(at: AppTest, by: str) -> pd.DataFrame:
+    """The one table shown whose first column is `by` ("type" or "layer"): st.dataframe's key does
+    not reach AppTest unless the table takes selections."""
+    (found,) = [d.value for d in at.dataframe if list(d.value.columns[:1]) == [by]]
+    return found
+
+
+def test_the_rank_used_tables_show_the_planted_figures_by_type_and_by_depth(
+    page: AppTest, planted_usage: tuple[torch.nn.Module, Path], planted: Path
+) -> None:
+    model, folder = planted_usage
+    load_folder(page, folder)
+    assert not page.error
+    assert_usage_table(usage_table(page, "type"), expected_usage(model, "type"), "type")
+    assert_usage_table(usage_table(page, "layer"), expected_usage(model, "layer"), "layer")
+    load_folder(page, planted)  # another adapter: both tables follow it
+    assert list(usage_table(page, "type")["type"]) == ["q_proj", "v_proj"]
+    np.testing.assert_allclose(usage_table(page, "layer")["used_90"], [RANKS[0] / 8, RANKS[1] / 8])
 
 
 def test_the_spectrum_follows_the_module_picked(page: AppTest, planted: Path) -> None:
