@@ -19,24 +19,19 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from streamlit.testing.v1 import AppTest
-from test_inspect import _wired, assert_usage_table, expected_usage, lora_layers, planted_usage_model, run_inspect
+from test_inspect import assert_usage_table, expected_usage, lora_layers, planted_usage_model, run_inspect
 from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
-APP, PAGE = ROOT / "app.py", ROOT / "pages" / "inspect.py"
+APP = ROOT / "app.py"
 RANKS = {0: 2, 1: 5}  # planted rank of every update, by layer (r = 8)
 
 
 def open_page() -> AppTest:
-    """The page through app.py once app.py registers it (as the server runs it), else the page file
-    alone (it sets up the shared state itself, as on a direct first visit)."""
-    if "pages/inspect.py" in APP.read_text():
-        at = AppTest.from_file(str(APP), default_timeout=180)
-        at.run()
-        at.switch_page("pages/inspect.py").run()
-    else:
-        at = AppTest.from_file(str(PAGE), default_timeout=180)
-        at.run()
+    """The page through app.py, as the server runs it."""
+    at = AppTest.from_file(str(APP), default_timeout=180)
+    at.run()
+    at.switch_page("pages/inspect.py").run()
     assert not at.exception, at.exception
     assert at.title[0].value == "Inspect"
     return at
@@ -241,7 +236,7 @@ def test_folders_outside_the_model_roots_are_refused(tmp_path, monkeypatch, plan
 @pytest.mark.slow
 def test_an_adapter_trained_by_the_app_on_the_embedded_model_is_inspected_end_to_end(tmp_path, monkeypatch) -> None:
     """A 2-step run on the embedded SmolLM2 (CLI `train`), then its adapter on the page (from the
-    run store) and through `inspect` (the subcommand's parser, and `python -m lora_core` once wired)."""
+    run store) and through `inspect` (the subcommand's parser, and `python -m lora_core`)."""
     data = tmp_path / "data"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "lora_core", "train", "--model", "embedded", "--steps", "2", "--out", str(data)]
@@ -263,10 +258,9 @@ def test_an_adapter_trained_by_the_app_on_the_embedded_model_is_inspected_end_to
         == 0
     )
     assert (out / "adapter_config.json").is_file()
-    if _wired():
-        cli = [sys.executable, "-m", "lora_core", "inspect", f"run:{run['run_id']}", "--store", str(data), "--json"]
-        report = json.loads(subprocess.run(cli, capture_output=True, text=True, env=env, check=True).stdout)
-        assert len(report["modules"]) == 60 and {row["r"] for row in report["modules"]} == {8}
+    cli = [sys.executable, "-m", "lora_core", "inspect", f"run:{run['run_id']}", "--store", str(data), "--json"]
+    report = json.loads(subprocess.run(cli, capture_output=True, text=True, env=env, check=True).stdout)
+    assert len(report["modules"]) == 60 and {row["r"] for row in report["modules"]} == {8}
 
 
 def test_compare_with_an_untrained_adapter_says_there_is_no_direction(page: AppTest, planted: Path, tmp_path) -> None:
